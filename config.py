@@ -1,0 +1,115 @@
+"""Service settings, read from the environment and `.env` with pydantic-settings.
+
+Role: one `Settings` class; no instance is built at import time (tests build their own
+with a temporary database). Must not import any other project module.
+
+Every field here has a line in `.env.example`; `tests/test_config.py` checks they agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "dev-secret"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- service -----------------------------------------------------------------------
+    ENVIRONMENT: Literal["development", "test", "production"] = "development"
+    LOG_LEVEL: str = "INFO"
+    DATA_DIR: Path = Path("./data")
+    DATABASE_URL: str = "sqlite+aiosqlite:///./data/ai_sdr.db"
+    PUBLIC_BASE_URL: str = "http://localhost:8000"
+    API_KEYS: list[str] = Field(default_factory=lambda: ["dev-key"])
+    MAX_REQUEST_BYTES: int = 30 * 1024 * 1024
+
+    # --- Twilio --------------------------------------------------------------------------
+    TWILIO_ACCOUNT_SID: str = ""
+    TWILIO_AUTH_TOKEN: str = ""
+    TWILIO_API_BASE_URL: str = "https://api.twilio.com"
+    TWILIO_DEFAULT_FROM: str = ""
+
+    # --- Deepgram -----------------------------------------------------------------------
+    DEEPGRAM_API_KEY: str = ""
+    DEEPGRAM_BASE_URL: str = "https://api.deepgram.com"
+    DEEPGRAM_STT_MODEL: str = "nova-3"
+    DEEPGRAM_ENDPOINTING_MS: int = 300
+    DEEPGRAM_UTTERANCE_END_MS: int = 1000
+    DEEPGRAM_TTS_VOICE: str = "aura-2-thalia-en"
+
+    # --- Ollama -------------------------------------------------------------------------
+    OLLAMA_HOST: str = "http://127.0.0.1:11434"
+    OLLAMA_MODEL: str = "llama3.2"
+    OLLAMA_CONNECT_TIMEOUT_S: float = 2.0
+    OLLAMA_FIRST_TOKEN_TIMEOUT_S: float = 4.0
+    LLM_FALLBACK_LINE: str = "Sorry, I'm having trouble right now. Could you say that again?"
+
+    # --- knowledge ----------------------------------------------------------------------
+    CHROMA_PATH: Path = Path("./data/chroma")
+    CHROMA_HOST: str = ""
+    CHROMA_PORT: int = 8000
+    EMBEDDING_MODEL_PATH: str = ""
+    KNOWLEDGE_TOP_K: int = 3
+    KNOWLEDGE_MIN_SIMILARITY: float = 0.3
+    MAX_DOCUMENT_BYTES: int = 10 * 1024 * 1024
+
+    # --- webhooks and tools -------------------------------------------------------------
+    WEBHOOK_SIGNING_SECRET: str = "dev-webhook-secret"
+    DEFAULT_WEBHOOK_URL: str = ""
+    WEBHOOK_RETRY_PERIOD_S: float = 24 * 3600
+    WEBHOOK_TIMEOUT_S: float = 10.0
+    ALLOW_PRIVATE_URLS: bool = False
+
+    # --- voice pipeline -----------------------------------------------------------------
+    VAD_THRESHOLD: float = 0.5
+    DEFAULT_MIN_INTERRUPT_SPEECH_MS: int = 60
+
+    @field_validator("API_KEYS", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("PUBLIC_BASE_URL", "TWILIO_API_BASE_URL", "DEEPGRAM_BASE_URL", "OLLAMA_HOST")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        if self.ENVIRONMENT != "production":
+            return self
+        if self.WEBHOOK_SIGNING_SECRET.lower() in PLACEHOLDER_SECRETS | {"dev-webhook-secret"}:
+            raise ValueError("WEBHOOK_SIGNING_SECRET must be set to a real secret in production")
+        if not self.API_KEYS or "dev-key" in self.API_KEYS:
+            raise ValueError("API_KEYS must be set (and not 'dev-key') in production")
+        if not self.TWILIO_AUTH_TOKEN:
+            raise ValueError("TWILIO_AUTH_TOKEN is required in production")
+        return self
+
+    @property
+    def media_stream_url(self) -> str:
+        """The `wss://` URL Twilio opens for the Media Stream, derived from PUBLIC_BASE_URL."""
+        base = self.PUBLIC_BASE_URL
+        for http, ws in (("https://", "wss://"), ("http://", "ws://")):
+            if base.startswith(http):
+                return ws + base[len(http) :] + "/twilio/media"
+        return base + "/twilio/media"
+
+    def public_url(self, path: str) -> str:
+        return self.PUBLIC_BASE_URL + path
+
+    @property
+    def deepgram_ws_base(self) -> str:
+        base = self.DEEPGRAM_BASE_URL
+        for http, ws in (("https://", "wss://"), ("http://", "ws://")):
+            if base.startswith(http):
+                return ws + base[len(http) :]
+        return base
