@@ -1,0 +1,441 @@
+"""Voice activity detection for barge-in: Silero VAD (the ONNX model shipped in the
+`silero-vad` wheel) on onnxruntime, one model per process, windows batched across calls,
+and a cheap energy pre-gate.
+
+Role: turn a call's inbound 20 ms mu-law frames into speech start/end events on the audio
+timeline. It only detects speech; whether an utterance interrupts the agent is decided by
+`voice_pipeline` from the transcript.
+
+Must not import FastAPI, SQLAlchemy, vendor SDKs or torch (onnxruntime + numpy only).
+
+Pieces::
+
+    SileroModel   one InferenceSession per process, run on B windows and B states at once
+    VADBatcher    per event loop: gathers the windows of all calls submitted in one loop turn
+                  (and while a batch is running) into one inference, run off the event loop
+    VADStream     per call: frames -> 256-sample windows -> probabilities -> VADEvents
+
+The model at 8 kHz takes 256-sample windows (32 ms), each prefixed by the last 32 samples
+of the previous window as context, plus a recurrent state of shape (2, B, 128).
+
+Energy pre-gate: while a stream is idle (not speaking, no onset pending), a window whose
+RMS is below `energy_gate_dbfs` skips the model, counts as probability 0, and resets the
+recurrent state to zeros. Zero is the state the model starts every stream from, so speech
+after a gated stretch is scored like the start of a stream, whatever the length of the
+silence. Once an onset is pending or speech is confirmed, every window goes to the model,
+so the end of speech is the model's own decision, not the gate's.
+
+Latency from caller speech onset to the start event, in audio time: up to one window
+(32 ms) to fill the window that holds the onset, then `min_speech_ms` rounded up to whole
+windows (60 ms -> 2 windows = 64 ms; the first of them is the onset window), plus the
+model's own reaction (usually 0-1 window). In wall time add the batch wait (at most one
+event-loop turn plus any batch already running: about 25 us per window of that batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from utils import SAMPLE_RATE, mulaw_to_float
+
+WINDOW_SAMPLES = 256
+"""Silero at 8 kHz scores 256-sample (32 ms) windows."""
+CONTEXT_SAMPLES = 32
+"""Each window is prefixed by the last 32 samples of the previous one."""
+INPUT_SAMPLES = CONTEXT_SAMPLES + WINDOW_SAMPLES
+STATE_SIZE = 128
+WINDOW_SECONDS = WINDOW_SAMPLES / SAMPLE_RATE
+
+Clock = Callable[[], float]
+
+
+# --- events -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VADSpeechStart:
+    """Speech confirmed: it has lasted `min_speech_ms`. Times are audio seconds since the
+    stream's first frame; `detected_at` is the injected clock when the event was made."""
+
+    onset: float
+    confirmed_at: float
+    detected_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class VADSpeechEnd:
+    """Speech over: `min_silence_ms` of non-speech followed `end`."""
+
+    onset: float
+    end: float
+    confirmed_at: float
+    detected_at: float
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.onset
+
+
+VADEvent = VADSpeechStart | VADSpeechEnd
+
+
+# --- model ------------------------------------------------------------------------------
+
+
+def default_model_path() -> Path:
+    """The ONNX file inside the installed `silero-vad` wheel. Located with `find_spec`, which
+    does not execute the package: `silero_vad/__init__.py` imports torch."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the silero-vad package is not installed (pip install silero-vad)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    if not path.is_file():
+        raise RuntimeError(f"silero-vad is installed but {path} is missing")
+    return path
+
+
+class SileroModel:
+    """The Silero VAD network. Thread-safe; one per process through `load()`."""
+
+    _shared: SileroModel | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, path: Path | str | None = None) -> None:
+        options = ort.SessionOptions()
+        # Calls are parallel across the batch, not inside one inference: one thread each.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self._session = ort.InferenceSession(
+            str(path or default_model_path()),
+            sess_options=options,
+            providers=["CPUExecutionProvider"],
+        )
+        self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
+        self._executor: ThreadPoolExecutor | None = None
+        self.windows = 0
+        self.batches = 0
+
+    @classmethod
+    def load(cls) -> SileroModel:
+        """The process-wide model, loaded on first use."""
+        with cls._lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def infer(self, windows: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Score B windows at once.
+
+        windows: float32 (B, 288), context then window. states: float32 (2, B, 128).
+        Returns probabilities (B,) and the next states (2, B, 128).
+        """
+        probs, next_states = self._session.run(
+            None, {"input": windows, "state": states, "sr": self._sr}
+        )
+        self.windows += windows.shape[0]
+        self.batches += 1
+        return probs[:, 0], next_states
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """One worker thread for inference off the event loop; onnxruntime releases the GIL."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="silero-vad")
+            return self._executor
+
+
+# --- batching ---------------------------------------------------------------------------
+
+
+_Outcome = tuple[np.ndarray, np.ndarray] | BaseException
+
+
+@dataclass(slots=True)
+class _Request:
+    window: np.ndarray
+    state: np.ndarray
+    future: asyncio.Future[float]
+
+
+@dataclass(slots=True)
+class BatchStats:
+    batches: int = 0
+    windows: int = 0
+    max_batch: int = 0
+
+
+class VADBatcher:
+    """Runs the windows of all calls on one event loop as few batched inferences.
+
+    A submitted window waits for the next loop turn, so every call that submits in the same
+    turn shares the inference; windows submitted while a batch runs form the next batch.
+    With `offload` the batch runs on the model's worker thread and the loop stays free;
+    without it the batch runs inline in the loop callback.
+    """
+
+    def __init__(
+        self,
+        model: SileroModel | None = None,
+        *,
+        offload: bool = True,
+        max_batch: int = 256,
+    ) -> None:
+        self.model = model or SileroModel.load()
+        self.offload = offload
+        self.max_batch = max_batch
+        self.stats = BatchStats()
+        self._pending: list[_Request] = []
+        self._flush_scheduled = False
+        self._running = False
+
+    async def infer(self, window: np.ndarray, state: np.ndarray) -> float:
+        """Score one (288,) window; `state` (2, 128) is replaced in place by the next state.
+        The caller must not touch either array until this returns. If cancelled, the window
+        is not applied to the state."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[float] = loop.create_future()
+        self._pending.append(_Request(window, state, future))
+        self._schedule(loop)
+        return await future
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._flush_scheduled and not self._running:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush, loop)
+
+    def _take_batch(self) -> list[_Request]:
+        live = [r for r in self._pending if not r.future.done()]
+        batch, self._pending = live[: self.max_batch], live[self.max_batch :]
+        return batch
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._flush_scheduled = False
+        batch = self._take_batch()
+        if not batch:
+            return
+        windows = np.stack([r.window for r in batch])
+        states = np.stack([r.state for r in batch], axis=1)
+        self._count(len(batch))
+        if self.offload:
+            self._running = True
+            job = loop.run_in_executor(self.model.executor, self.model.infer, windows, states)
+            job.add_done_callback(functools.partial(self._on_batch_done, loop, batch))
+            return
+        try:
+            outcome: _Outcome = self.model.infer(windows, states)
+        except Exception as exc:
+            outcome = exc
+        self._resolve(batch, outcome)
+        if self._pending:
+            self._schedule(loop)
+
+    def _on_batch_done(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Request], job: asyncio.Future
+    ) -> None:
+        self._running = False
+        if job.cancelled():
+            outcome: _Outcome = asyncio.CancelledError()
+        else:
+            outcome = job.exception() or job.result()
+        self._resolve(batch, outcome)
+        if self._pending:
+            self._schedule(loop)
+
+    @staticmethod
+    def _resolve(batch: list[_Request], outcome: _Outcome) -> None:
+        for i, request in enumerate(batch):
+            if request.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                request.future.set_exception(outcome)
+                continue
+            probs, next_states = outcome
+            request.state[...] = next_states[:, i]
+            request.future.set_result(float(probs[i]))
+
+    def _count(self, size: int) -> None:
+        self.stats.batches += 1
+        self.stats.windows += size
+        self.stats.max_batch = max(self.stats.max_batch, size)
+
+
+_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, VADBatcher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def shared_batcher() -> VADBatcher:
+    """The batcher of the running event loop, created on first use, on the shared model."""
+    loop = asyncio.get_running_loop()
+    batcher = _batchers.get(loop)
+    if batcher is None:
+        batcher = _batchers[loop] = VADBatcher()
+    return batcher
+
+
+# --- per-call stream --------------------------------------------------------------------
+
+
+class VADStream:
+    """One call's VAD. Feed it the inbound frames in order with `process()`; do not call
+    `process()` again before the previous call has returned.
+
+    A window whose probability is >= `threshold` is speech, < `end_threshold` is silence,
+    and in between keeps the current status (hysteresis). Speech is confirmed once it has
+    lasted `min_speech_ms` and ends after `min_silence_ms` of silence.
+    """
+
+    def __init__(
+        self,
+        batcher: VADBatcher | None = None,
+        *,
+        threshold: float = 0.5,
+        end_threshold: float | None = None,
+        min_speech_ms: int = 60,
+        min_silence_ms: int = 250,
+        energy_gate_dbfs: float | None = -55.0,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._batcher = batcher
+        self.threshold = threshold
+        self.end_threshold = threshold - 0.15 if end_threshold is None else end_threshold
+        self._min_speech = min_speech_ms * SAMPLE_RATE // 1000
+        self._min_silence = min_silence_ms * SAMPLE_RATE // 1000
+        self._gate_power = -1.0 if energy_gate_dbfs is None else 10 ** (energy_gate_dbfs / 10)
+        self._clock = clock
+        # context, then one window, then up to one 20 ms frame of leftover samples
+        self._buffer = np.zeros(INPUT_SAMPLES + 160, dtype=np.float32)
+        self._filled = 0  # samples after the context
+        self._state = np.zeros((2, STATE_SIZE), dtype=np.float32)
+        self._state_is_zero = True
+        self._samples = 0  # samples received
+        self._window_start = 0  # sample index of the next window
+        self._onset: int | None = None
+        self._silence_start: int | None = None
+        self._speaking = False
+        self.last_probability = 0.0
+        self.windows = 0
+        self.inferences = 0
+
+    @property
+    def is_speaking(self) -> bool:
+        """Speech confirmed and not yet ended."""
+        return self._speaking
+
+    @property
+    def speech_duration(self) -> float:
+        """Seconds of audio since the confirmed onset (trailing silence included); 0 when
+        not speaking."""
+        if not self._speaking or self._onset is None:
+            return 0.0
+        return (self._samples - self._onset) / SAMPLE_RATE
+
+    @property
+    def audio_time(self) -> float:
+        """Seconds of audio received: 20 ms per Twilio frame."""
+        return self._samples / SAMPLE_RATE
+
+    async def process(self, frame: bytes) -> list[VADEvent]:
+        """Take one mu-law frame (Twilio: 160 bytes, 20 ms) and return the events it
+        completed, usually none."""
+        self._append(frame)
+        events: list[VADEvent] = []
+        while self._filled >= WINDOW_SAMPLES:
+            probability = await self._score(self._buffer[:INPUT_SAMPLES])
+            self._shift_window()
+            event = self._update(probability)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _append(self, frame: bytes) -> None:
+        samples = mulaw_to_float(frame)
+        start = CONTEXT_SAMPLES + self._filled
+        if start + len(samples) > len(self._buffer):
+            grown = np.zeros(start + len(samples) + WINDOW_SAMPLES, dtype=np.float32)
+            grown[:start] = self._buffer[:start]
+            self._buffer = grown
+        self._buffer[start : start + len(samples)] = samples
+        self._filled += len(samples)
+        self._samples += len(samples)
+
+    def _shift_window(self) -> None:
+        """Keep the window's last 32 samples as the next context, then the leftover."""
+        end = CONTEXT_SAMPLES + self._filled
+        self._buffer[: end - WINDOW_SAMPLES] = self._buffer[WINDOW_SAMPLES:end]
+        self._filled -= WINDOW_SAMPLES
+
+    async def _score(self, model_input: np.ndarray) -> float:
+        self.windows += 1
+        if self._idle and self._below_gate(model_input[CONTEXT_SAMPLES:]):
+            if not self._state_is_zero:
+                self._state.fill(0.0)
+                self._state_is_zero = True
+            self.last_probability = 0.0
+            return 0.0
+        batcher = self._batcher or shared_batcher()
+        self.inferences += 1
+        self._state_is_zero = False
+        self.last_probability = await batcher.infer(model_input, self._state)
+        return self.last_probability
+
+    @property
+    def _idle(self) -> bool:
+        return not self._speaking and self._onset is None
+
+    def _below_gate(self, window: np.ndarray) -> bool:
+        return float(np.dot(window, window)) < self._gate_power * WINDOW_SAMPLES
+
+    def _update(self, probability: float) -> VADEvent | None:
+        start = self._window_start
+        end = self._window_start = start + WINDOW_SAMPLES
+        is_speech = probability >= self.threshold
+        is_silence = probability < self.end_threshold
+        if self._speaking:
+            return self._update_speaking(start, end, is_speech, is_silence)
+        if self._onset is None and is_speech:
+            self._onset = start
+        elif self._onset is not None and is_silence:
+            self._onset = None
+        if self._onset is not None and end - self._onset >= self._min_speech:
+            self._speaking = True
+            return VADSpeechStart(self._seconds(self._onset), self.audio_time, self._clock())
+        return None
+
+    def _update_speaking(
+        self, start: int, end: int, is_speech: bool, is_silence: bool
+    ) -> VADSpeechEnd | None:
+        if is_speech:
+            self._silence_start = None
+        elif is_silence and self._silence_start is None:
+            self._silence_start = start
+        if self._silence_start is None or end - self._silence_start < self._min_silence:
+            return None
+        assert self._onset is not None
+        event = VADSpeechEnd(
+            self._seconds(self._onset),
+            self._seconds(self._silence_start),
+            self.audio_time,
+            self._clock(),
+        )
+        self._speaking = False
+        self._onset = self._silence_start = None
+        return event
+
+    @staticmethod
+    def _seconds(sample: int) -> float:
+        return sample / SAMPLE_RATE
