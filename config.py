@@ -9,10 +9,10 @@ Every field here has a line in `.env.example`; `tests/test_config.py` checks the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "dev-secret"}
 
@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     DATA_DIR: Path = Path("./data")
     DATABASE_URL: str = "sqlite+aiosqlite:///./data/ai_sdr.db"
     PUBLIC_BASE_URL: str = "http://localhost:8000"
-    API_KEYS: list[str] = Field(default_factory=lambda: ["dev-key"])
+    API_KEYS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["dev-key"])
     MAX_REQUEST_BYTES: int = 30 * 1024 * 1024
 
     # --- Twilio --------------------------------------------------------------------------

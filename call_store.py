@@ -1,0 +1,135 @@
+"""Call records: the status lifecycle and the persistence the live pipeline uses.
+
+The lifecycle only moves forward (`queued → ringing → in-progress → terminal`), so duplicate
+or out-of-order Twilio callbacks never move a call backwards. `SqlCallStore` implements the
+pipeline's `CallStore` protocol on SQLAlchemy; each turn is committed as it completes.
+
+Must not import FastAPI or vendor SDKs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from models import TERMINAL_STATUSES, Agent, Call, CallEvent, TranscriptTurn
+from utils import utcnow
+
+_RANK = {"queued": 0, "initiated": 0, "ringing": 1, "in-progress": 2, "answered": 2}
+_TERMINAL_REASON = {"busy": "busy", "no-answer": "no-answer", "failed": "failed"}
+
+CallHook = Callable[[AsyncSession, Call, str], Awaitable[None]]
+"""Called inside the transaction that changes a call (`event` is e.g. "call.started"), so
+webhook outbox rows commit atomically with the change."""
+
+
+def _rank(status: str) -> int:
+    return 3 if status in TERMINAL_STATUSES else _RANK.get(status, -1)
+
+
+def normalize_status(status: str) -> str:
+    return {"initiated": "queued", "answered": "in-progress"}.get(status, status)
+
+
+def apply_status(call: Call, status: str, *, duration: float | None = None) -> bool:
+    """Move `call` to `status` if that is forward; return whether anything changed."""
+    if _rank(status) < 0 or _rank(status) <= _rank(call.status):
+        return False
+    status = normalize_status(status)
+    call.status = status
+    now = utcnow()
+    if status == "in-progress" and call.started_at is None:
+        call.started_at = now
+    if status in TERMINAL_STATUSES:
+        call.ended_at = call.ended_at or now
+        if duration is not None:
+            call.duration_seconds = duration
+        elif call.started_at is not None and call.duration_seconds is None:
+            call.duration_seconds = (call.ended_at - call.started_at).total_seconds()
+        # A call with a media stream gets its reason from the pipeline (`finish`).
+        if call.ended_reason is None and call.stream_sid is None:
+            call.ended_reason = _TERMINAL_REASON.get(status) or (
+                "no-answer"
+                if status == "canceled" and call.direction == "outbound"
+                else "customer-ended-call"
+            )
+    return True
+
+
+async def next_turn_seq(session: AsyncSession, call_id: str) -> int:
+    current = await session.scalar(
+        select(func.max(TranscriptTurn.seq)).where(TranscriptTurn.call_id == call_id)
+    )
+    return (current or 0) + 1
+
+
+async def _noop_hook(session: AsyncSession, call: Call, event: str) -> None:
+    return None
+
+
+class SqlCallStore:
+    """What the pipeline persists, one short transaction each."""
+
+    def __init__(
+        self, sessionmaker: async_sessionmaker[AsyncSession], hook: CallHook | None = None
+    ):
+        self.sessionmaker = sessionmaker
+        self.hook = hook or _noop_hook
+
+    async def load(self, call_id: str) -> tuple[Call, Agent | None] | None:
+        async with self.sessionmaker() as session:
+            call = await session.get(Call, call_id)
+            if call is None:
+                return None
+            agent = await session.get(Agent, call.agent_id) if call.agent_id else None
+            return call, agent
+
+    async def stream_started(self, call_id: str, *, stream_sid: str, call_sid: str) -> None:
+        async with self.sessionmaker() as session, session.begin():
+            call = await session.get(Call, call_id)
+            if call is None:
+                return
+            call.stream_sid = stream_sid
+            call.twilio_call_sid = call.twilio_call_sid or call_sid or None
+            apply_status(call, "in-progress")
+            await self.hook(session, call, "call.started")
+
+    async def add_turn(self, call_id: str, **fields: Any) -> None:
+        async with self.sessionmaker() as session, session.begin():
+            seq = await next_turn_seq(session, call_id)
+            turn = TranscriptTurn(call_id=call_id, seq=seq, **fields)
+            session.add(turn)
+            call = await session.get(Call, call_id)
+            if call is not None:
+                await self.hook(session, call, "call.transcript")
+
+    async def add_event(
+        self, call_id: str, type_: str, data: dict[str, Any], call_time_s: float | None = None
+    ) -> None:
+        async with self.sessionmaker() as session, session.begin():
+            session.add(CallEvent(call_id=call_id, type=type_, data=data, call_time_s=call_time_s))
+
+    async def set_fields(self, call_id: str, **fields: Any) -> None:
+        async with self.sessionmaker() as session, session.begin():
+            call = await session.get(Call, call_id)
+            if call is not None:
+                for key, value in fields.items():
+                    setattr(call, key, value)
+
+    async def finish(self, call_id: str, *, ended_reason: str, ended_at: datetime | None = None):
+        """The media stream ended (once per call): record why and emit `call.ended`. Calls
+        that never had a stream emit it from the terminal status callback instead."""
+        async with self.sessionmaker() as session, session.begin():
+            call = await session.get(Call, call_id)
+            if call is None:
+                return
+            call.ended_reason = call.ended_reason or ended_reason
+            apply_status(call, "completed")
+            call.ended_at = ended_at or call.ended_at or utcnow()
+            if call.duration_seconds is None and call.started_at is not None:
+                call.duration_seconds = (call.ended_at - call.started_at).total_seconds()
+            await self.hook(session, call, "call.ended")

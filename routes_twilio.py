@@ -1,0 +1,129 @@
+"""Twilio-facing endpoints: the voice webhook (answers with TwiML that opens the Media
+Stream), status and recording callbacks, and the `/twilio/media` WebSocket.
+
+Every request is authenticated by `X-Twilio-Signature` against the public URL (Twilio signs
+what it requested, not what a proxy forwards to us); a forged one gets 403 and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response, WebSocket
+from sqlalchemy import select
+
+from call_store import apply_status
+from config import Settings
+from db import SessionDep
+from errors import APIError
+from models import TERMINAL_STATUSES, Agent, Call
+from telephony import form_params, say_hangup_twiml, signature_is_valid, stream_twiml
+from utils import mask_phone
+
+log = logging.getLogger("ai_sdr.twilio")
+router = APIRouter(prefix="/twilio", include_in_schema=False)
+
+_MAX_FORM_FIELDS = 200
+
+
+async def signed_form(request: Request) -> dict[str, Any]:
+    """The webhook's form fields, once the signature over public URL + fields checks out."""
+    settings: Settings = request.app.state.settings
+    form = await request.form(max_fields=_MAX_FORM_FIELDS)
+    params = form_params([(k, v) for k, v in form.multi_items() if isinstance(v, str)])
+    url = settings.public_url(request.url.path)
+    if request.url.query:
+        url += "?" + request.url.query
+    signature = request.headers.get("X-Twilio-Signature", "")
+    if not signature_is_valid(settings.TWILIO_AUTH_TOKEN, url, params, signature):
+        log.warning("rejected Twilio webhook %s: bad or missing signature", request.url.path)
+        raise APIError(403, "forbidden", "invalid or missing X-Twilio-Signature")
+    return params
+
+
+TwilioForm = Annotated[dict[str, Any], Depends(signed_form)]
+
+
+def _twiml(body: str) -> Response:
+    return Response(content=body, media_type="application/xml")
+
+
+def _first(params: dict[str, Any], key: str) -> str:
+    value = params.get(key, "")
+    return str(value[0] if isinstance(value, list) else value)
+
+
+@router.post("/voice")
+async def voice_webhook(params: TwilioForm, session: SessionDep, request: Request) -> Response:
+    settings: Settings = request.app.state.settings
+    call_sid, called, caller = (_first(params, k) for k in ("CallSid", "To", "From"))
+    if not call_sid:
+        raise APIError(422, "validation_error", "CallSid: field required", "CallSid")
+    call = await session.scalar(select(Call).where(Call.twilio_call_sid == call_sid))
+    if call is None:  # Twilio retries webhooks: the same CallSid reuses its row
+        agent = await session.scalar(select(Agent).where(Agent.phone_number == called))
+        call = Call(
+            agent_id=agent.id if agent else None,
+            direction="inbound",
+            from_number=caller[:20],
+            to_number=called[:20],
+            twilio_call_sid=call_sid,
+            status="ringing",
+            variables=dict(agent.variables) if agent else {},
+        )
+        if agent is None:
+            call.status, call.ended_reason = "failed", "failed"
+            call.error_message = "no agent is assigned to the called number"
+        session.add(call)
+        await session.commit()
+    if call.agent_id is None:
+        log.info("inbound call %s to unassigned number %s", call.id, mask_phone(called))
+        return _twiml(say_hangup_twiml())
+    return _twiml(stream_twiml(settings.media_stream_url, {"call_id": call.id}))
+
+
+@router.post("/status", status_code=204)
+async def status_callback(params: TwilioForm, session: SessionDep, request: Request) -> Response:
+    call = await session.scalar(
+        select(Call).where(Call.twilio_call_sid == _first(params, "CallSid"))
+    )
+    if call is None:
+        return Response(status_code=204)  # not ours (or already deleted): nothing to move
+    status = _first(params, "CallStatus")
+    duration_text = _first(params, "CallDuration")
+    duration = float(duration_text) if duration_text.isdigit() else None
+    changed = apply_status(call, status, duration=duration)
+    if not changed and status in TERMINAL_STATUSES and duration is not None:
+        call.duration_seconds = duration  # Twilio's billed duration is authoritative
+    if changed and call.status in TERMINAL_STATUSES and call.stream_sid is None:
+        hook = getattr(request.app.state, "call_hook", None)
+        if hook is not None:
+            await hook(session, call, "call.ended")
+    await session.commit()
+    return Response(status_code=204)
+
+
+@router.post("/recording", status_code=204)
+async def recording_callback(params: TwilioForm, session: SessionDep) -> Response:
+    call = await session.scalar(
+        select(Call).where(Call.twilio_call_sid == _first(params, "CallSid"))
+    )
+    if call is not None and _first(params, "RecordingStatus") in ("completed", ""):
+        call.recording_url = _first(params, "RecordingUrl") or None
+        call.recording_sid = _first(params, "RecordingSid") or None
+        await session.commit()
+    return Response(status_code=204)
+
+
+@router.websocket("/media")
+async def media_stream(websocket: WebSocket) -> None:
+    settings: Settings = websocket.app.state.settings
+    signature = websocket.headers.get("x-twilio-signature", "")
+    valid = signature_is_valid(settings.TWILIO_AUTH_TOKEN, settings.media_stream_url, {}, signature)
+    await websocket.accept()
+    if not valid:
+        log.warning("rejected media stream: bad or missing X-Twilio-Signature")
+        await websocket.close(code=1008, reason="invalid signature")
+        return
+    await websocket.app.state.calls.handle(websocket)

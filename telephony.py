@@ -1,0 +1,164 @@
+"""Twilio at the edge: TwiML builders, `X-Twilio-Signature` validation and a small REST
+gateway on the twilio SDK's async client.
+
+Must not import FastAPI routes, SQLAlchemy or the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from twilio.base.exceptions import TwilioException, TwilioRestException
+from twilio.http.async_http_client import AsyncTwilioHttpClient
+from twilio.request_validator import RequestValidator
+from twilio.rest import Client
+from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
+
+STATUS_EVENTS = ["initiated", "ringing", "answered", "completed"]
+UNKNOWN_NUMBER_MESSAGE = (
+    "Sorry, this number is not set up to take calls right now. Please try again later. Goodbye."
+)
+
+
+class TelephonyError(Exception):
+    """Twilio refused or failed a request; carries Twilio's own code and message."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+# --- TwiML ------------------------------------------------------------------------------
+
+
+def stream_twiml(stream_url: str, parameters: Mapping[str, str], status_callback: str = "") -> str:
+    """`<Connect><Stream>`: a bidirectional Media Stream. Twilio drops query strings from
+    stream URLs, so per-call values travel as `<Parameter>`s."""
+    response = VoiceResponse()
+    connect = Connect()
+    stream = Stream(url=stream_url, status_callback=status_callback or None)
+    for name, value in parameters.items():
+        stream.parameter(name=name, value=value)
+    connect.append(stream)
+    response.append(connect)
+    return str(response)
+
+
+def say_hangup_twiml(message: str = UNKNOWN_NUMBER_MESSAGE) -> str:
+    response = VoiceResponse()
+    response.say(message)
+    response.hangup()
+    return str(response)
+
+
+def transfer_twiml(number: str, caller_id: str | None, announcement: str = "") -> str:
+    response = VoiceResponse()
+    if announcement:
+        response.say(announcement)
+    dial = response.dial(caller_id=caller_id or None, timeout=20)
+    dial.number(number)
+    return str(response)
+
+
+# --- signatures -------------------------------------------------------------------------
+
+
+def form_params(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Form fields as the SDK validator wants them: repeated names keep all values."""
+    params: dict[str, Any] = {}
+    for key, value in items:
+        if key in params:
+            previous = params[key]
+            params[key] = [*previous, value] if isinstance(previous, list) else [previous, value]
+        else:
+            params[key] = value
+    return params
+
+
+def signature_is_valid(
+    auth_token: str, url: str, params: Mapping[str, Any], signature: str
+) -> bool:
+    if not auth_token or not signature:
+        return False
+    return bool(RequestValidator(auth_token).validate(url, dict(params), signature))
+
+
+# --- REST -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CreatedCall:
+    sid: str
+    status: str
+
+
+class TwilioGateway:
+    """Twilio REST through the SDK's async client; the base URL is a setting so tests and
+    the no-accounts demo reach the local emulator."""
+
+    def __init__(self, account_sid: str, auth_token: str, base_url: str) -> None:
+        self._http = AsyncTwilioHttpClient(timeout=10)
+        self.client = Client(
+            account_sid or "AC_unset", auth_token or "unset", http_client=self._http
+        )
+        self.client.api.base_url = base_url
+        self.configured = bool(account_sid and auth_token)
+
+    async def create_call(
+        self,
+        *,
+        to: str,
+        from_: str,
+        twiml: str,
+        status_callback: str,
+        record: bool = False,
+        recording_status_callback: str = "",
+    ) -> CreatedCall:
+        kwargs: dict[str, Any] = {
+            "to": to,
+            "from_": from_,
+            "twiml": twiml,
+            "status_callback": status_callback,
+            "status_callback_event": STATUS_EVENTS,
+            "status_callback_method": "POST",
+        }
+        if record:
+            kwargs.update(record=True, recording_status_callback=recording_status_callback)
+        call = await self._run(self.client.calls.create_async(**kwargs))
+        return CreatedCall(sid=call.sid, status=call.status)
+
+    async def update_call_twiml(self, call_sid: str, twiml: str) -> None:
+        await self._run(self.client.calls(call_sid).update_async(twiml=twiml))
+
+    async def hang_up(self, call_sid: str) -> None:
+        await self._run(self.client.calls(call_sid).update_async(status="completed"))
+
+    async def send_sms(self, *, to: str, from_: str, body: str) -> str:
+        message = await self._run(self.client.messages.create_async(to=to, from_=from_, body=body))
+        return str(message.sid)
+
+    async def start_recording(self, call_sid: str, status_callback: str) -> None:
+        await self._run(
+            self.client.calls(call_sid).recordings.create_async(
+                recording_status_callback=status_callback
+            )
+        )
+
+    async def aclose(self) -> None:
+        await self._http.close()
+
+    @staticmethod
+    async def _run(awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except TwilioRestException as exc:
+            raise TelephonyError(str(exc.msg), status=exc.status, code=exc.code) from None
+        except TwilioException as exc:
+            raise TelephonyError(str(exc)) from None
+        except (OSError, aiohttp.ClientError) as exc:
+            raise TelephonyError(f"Twilio unreachable: {exc}") from None
