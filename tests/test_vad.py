@@ -1,0 +1,262 @@
+"""Silero VAD on real speech from espeak-ng. Every time asserted is audio time (20 ms per
+frame), never wall-clock time."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emulators.audio import frames, noise, silence, synth_speech, tone
+from utils import mulaw_to_float
+from vad import (
+    WINDOW_SECONDS,
+    SileroModel,
+    VADBatcher,
+    VADEvent,
+    VADSpeechEnd,
+    VADSpeechStart,
+    VADStream,
+    default_model_path,
+)
+
+DEMO = "Hi, I would like to book a demo next Tuesday"
+LEAD_IN = 1.0
+"""Seconds of silence before the speech in a scripted caller's audio."""
+ONSET_TOLERANCE = 0.15
+
+
+@pytest.fixture(scope="session")
+def silero() -> SileroModel:
+    return SileroModel.load()
+
+
+@pytest.fixture(params=[True, False], ids=["offload", "inline"])
+def batcher(request, silero) -> VADBatcher:
+    return VADBatcher(silero, offload=request.param)
+
+
+@pytest.fixture(scope="session")
+def demo() -> bytes:
+    return synth_speech(DEMO)
+
+
+async def run(stream: VADStream, audio: bytes) -> list[VADEvent]:
+    events: list[VADEvent] = []
+    for frame in frames(audio):
+        events += await stream.process(frame)
+    return events
+
+
+async def run_with_probabilities(
+    stream: VADStream, audio: bytes
+) -> tuple[list[VADEvent], list[float]]:
+    events: list[VADEvent] = []
+    probabilities = []
+    for frame in frames(audio):
+        events += await stream.process(frame)
+        probabilities.append(stream.last_probability)
+    return events, probabilities
+
+
+def kinds(events: list[VADEvent]) -> list[str]:
+    return [type(event).__name__ for event in events]
+
+
+async def test_speech_start_is_confirmed_near_the_true_onset(batcher, demo):
+    speech_end = LEAD_IN + len(demo) / 8000
+    events = await run(VADStream(batcher), silence(LEAD_IN) + demo + silence(1.5))
+
+    assert kinds(events) == ["VADSpeechStart", "VADSpeechEnd"]
+    start, end = events
+    assert isinstance(start, VADSpeechStart)
+    assert isinstance(end, VADSpeechEnd)
+    assert abs(start.onset - LEAD_IN) <= ONSET_TOLERANCE
+    # window fill + min_speech_ms (two windows) + the model's reaction
+    assert start.confirmed_at - start.onset >= 0.06
+    assert start.confirmed_at - LEAD_IN <= 0.2
+    assert end.onset == start.onset
+    assert abs(end.end - speech_end) <= ONSET_TOLERANCE
+    assert end.confirmed_at - end.end >= 0.25
+    assert end.duration == pytest.approx(end.end - end.onset)
+
+
+async def test_a_backchannel_is_detected_as_speech(batcher):
+    """VAD only detects; the pipeline decides from the transcript that "uh-huh" is not a
+    barge-in."""
+    uh_huh = synth_speech("uh-huh")
+    events = await run(VADStream(batcher), silence(LEAD_IN) + uh_huh + silence(1.0))
+
+    assert kinds(events) == ["VADSpeechStart", "VADSpeechEnd"]
+    assert abs(events[0].onset - LEAD_IN) <= ONSET_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "audio",
+    [
+        pytest.param(silence(3.0), id="digital-silence"),
+        pytest.param(noise(3.0, amplitude=0.0005), id="noise-66dBFS"),
+        pytest.param(noise(3.0, amplitude=0.003, seed=1), id="noise-50dBFS"),
+        pytest.param(noise(3.0, amplitude=0.01, seed=2), id="noise-40dBFS"),
+        pytest.param(tone(3.0, freq=60, amplitude=0.003), id="mains-hum"),
+    ],
+)
+async def test_silence_and_line_noise_produce_no_events(batcher, audio):
+    stream = VADStream(batcher)
+    assert await run(stream, audio) == []
+    assert not stream.is_speaking
+    assert stream.speech_duration == 0.0
+
+
+async def test_noise_above_the_gate_is_judged_by_the_model(batcher):
+    stream = VADStream(batcher)
+    assert await run(stream, noise(2.0, amplitude=0.003)) == []
+    assert stream.inferences == stream.windows > 0
+
+
+async def test_the_energy_gate_skips_inference_on_silence(batcher, demo):
+    gated = VADStream(batcher)
+    assert await run(gated, silence(2.0)) == []
+    assert gated.windows == int(2.0 / WINDOW_SECONDS)
+    assert gated.inferences == 0
+
+    ungated = VADStream(batcher, energy_gate_dbfs=None)
+    await run(ungated, silence(2.0))
+    assert ungated.inferences == ungated.windows == gated.windows
+
+
+async def test_the_energy_gate_does_not_move_the_onset(batcher, demo):
+    audio = silence(LEAD_IN) + demo + silence(1.0)
+    gated = await run(VADStream(batcher), audio)
+    ungated = await run(VADStream(batcher, energy_gate_dbfs=None), audio)
+
+    assert kinds(gated) == kinds(ungated) == ["VADSpeechStart", "VADSpeechEnd"]
+    assert abs(gated[0].onset - ungated[0].onset) <= WINDOW_SECONDS
+
+
+async def test_speech_after_a_gated_silence_scores_the_same_whatever_its_length(batcher):
+    """The gate resets the recurrent state, so a stream scores speech after silence like
+    the start of a stream. Both lead-ins are whole multiples of 160 ms, where 20 ms frames
+    and 32 ms windows line up."""
+    speech = synth_speech("Stop.") + silence(0.5)
+    short_events, short = await run_with_probabilities(VADStream(batcher), silence(0.48) + speech)
+    long_events, long = await run_with_probabilities(VADStream(batcher), silence(2.4) + speech)
+
+    shift = round((2.4 - 0.48) / 0.02)
+    np.testing.assert_allclose(long[shift:], short, atol=1e-5)
+    assert [e.onset + 1.92 for e in short_events] == pytest.approx([e.onset for e in long_events])
+
+
+async def test_is_speaking_and_speech_duration_follow_the_events(batcher, demo):
+    stream = VADStream(batcher)
+    durations = []
+    for frame in frames(silence(LEAD_IN) + demo + silence(1.0)):
+        for event in await stream.process(frame):
+            assert stream.is_speaking == isinstance(event, VADSpeechStart)
+        durations.append(stream.speech_duration)
+
+    assert not stream.is_speaking
+    assert max(durations) > len(demo) / 8000
+    assert stream.audio_time == pytest.approx(len(durations) * 0.02)
+
+
+async def test_frames_of_any_length_give_the_same_timeline(batcher, demo):
+    audio = silence(LEAD_IN) + demo + silence(1.0)
+    by_frame = await run(VADStream(batcher), audio)
+    stream = VADStream(batcher)
+    at_once = await stream.process(audio[:4321])
+    at_once += await stream.process(audio[4321:])
+
+    assert [(type(e), e.onset) for e in at_once] == [(type(e), e.onset) for e in by_frame]
+    assert at_once[-1].end == by_frame[-1].end
+
+
+def caller_audio() -> list[bytes]:
+    """Different callers: speech at different offsets, a backchannel, silence, noise."""
+    demo, short = synth_speech(DEMO), synth_speech("uh-huh")
+    scripts = [
+        silence(0.3) + demo,
+        silence(1.1) + short + silence(0.6) + demo,
+        noise(2.0, amplitude=0.003, seed=3) + short,
+        silence(4.0),
+        demo + silence(0.7),
+        noise(0.5, amplitude=0.01, seed=4) + demo,
+    ]
+    longest = max(len(audio) for audio in scripts)
+    return [audio + silence((longest - len(audio)) / 8000 + 0.5) for audio in scripts]
+
+
+async def test_batched_streams_equal_the_same_streams_run_alone(silero, batcher):
+    scripts = [frames(audio) for audio in caller_audio()]
+    alone = [await run_with_probabilities(VADStream(batcher), b"".join(s)) for s in scripts]
+    assert batcher.stats.max_batch == 1
+
+    together = VADBatcher(silero, offload=batcher.offload)
+    streams = [VADStream(together) for _ in scripts]
+    events: list[list[VADEvent]] = [[] for _ in scripts]
+    probabilities: list[list[float]] = [[] for _ in scripts]
+    for step in zip(*scripts, strict=True):
+        results = await asyncio.gather(*(s.process(f) for s, f in zip(streams, step, strict=True)))
+        for i, stream in enumerate(streams):
+            events[i] += results[i]
+            probabilities[i].append(stream.last_probability)
+
+    assert together.stats.max_batch >= 4
+    assert sum(bool(e) for e in events) == len(scripts) - 1  # all but the silent caller
+    for i, (alone_events, alone_probabilities) in enumerate(alone):
+        assert kinds(events[i]) == kinds(alone_events)
+        assert [(e.onset, e.confirmed_at) for e in events[i]] == [
+            (e.onset, e.confirmed_at) for e in alone_events
+        ]
+        np.testing.assert_allclose(probabilities[i], alone_probabilities, atol=1e-5)
+
+
+async def test_a_cancelled_process_call_leaves_the_stream_usable(batcher, demo):
+    audio = frames(silence(0.2) + demo + silence(1.0))
+    stream = VADStream(batcher)
+    events: list[VADEvent] = []
+    for index, frame in enumerate(audio):
+        if index == 60:
+            call = asyncio.ensure_future(stream.process(frame))
+            await asyncio.sleep(0)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        events += await stream.process(frame)
+    assert kinds(events) == ["VADSpeechStart", "VADSpeechEnd"]
+
+
+async def test_probabilities_match_the_official_silero_wrapper(silero, demo):
+    """Windowing, context and state as in silero_vad.utils_vad.OnnxWrapper (on torch)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch = pytest.importorskip("torch")
+        utils_vad = pytest.importorskip("silero_vad.utils_vad")
+    audio = silence(0.3) + demo + silence(0.5)
+    official = utils_vad.OnnxWrapper(str(default_model_path()), force_onnx_cpu=True)
+    waveform = torch.from_numpy(mulaw_to_float(audio))
+    expected = [
+        float(official(waveform[i : i + 256], 8000)) for i in range(0, len(waveform) - 255, 256)
+    ]
+
+    stream = VADStream(VADBatcher(silero), energy_gate_dbfs=None)
+    ours = []
+    for frame in frames(audio):
+        windows = stream.windows
+        await stream.process(frame)
+        if stream.windows > windows:
+            ours.append(stream.last_probability)
+
+    assert len(ours) == len(expected)
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_vad_runs_without_importing_torch():
+    script = "import sys, vad; vad.SileroModel.load(); assert 'torch' not in sys.modules"
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", script], cwd=root, check=True, timeout=60)
