@@ -1,0 +1,319 @@
+"""Shared machinery for the wire-level emulators: a real uvicorn server on 127.0.0.1 in a
+daemon thread with its own event loop, a streaming response that notices client
+disconnects, and small helpers for config dataclasses and waiting on recorded state.
+
+Each emulator runs on its own loop so that it keeps real-time behaviour whatever the
+caller's loop is doing (a test blocked in a synchronous SDK call, a benchmark loop busy
+with 200 callers). Recorded state is written on the server thread under `self.lock` and
+read by other threads through copying properties.
+
+Must not import project modules (not even utils) or vendor SDKs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, Self, TypeVar
+
+import uvicorn
+
+ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
+T = TypeVar("T")
+
+_SCOPE_SERVER = "emulator.server"
+_SCOPE_RAW_RECEIVE = "emulator.raw_receive"
+
+
+class AbortConnection(Exception):
+    """Raised by a response body iterator to drop the TCP connection mid-response, the way
+    a network failure or a crashed upstream looks to the client."""
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is pinned in requirements.txt
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class ThreadedServer:
+    """Runs `build_app()` under uvicorn on 127.0.0.1 in a daemon thread.
+
+    `port=0` picks a free port: the socket is bound here, before the thread starts, so
+    `.port` is known as soon as `start()` returns.
+    """
+
+    name = "emulator"
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self.lock = threading.RLock()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._closing: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    # --- to implement -------------------------------------------------------------------
+
+    def build_app(self) -> ASGIApp:
+        raise NotImplementedError
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, timeout: float = 10.0) -> Self:
+        if self.running:
+            return self
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self._outer_app(self.build_app()),
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            http="httptools",
+            ws="websockets-sansio",
+            timeout_graceful_shutdown=3,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._run, args=(sock,), name=f"{self.name}:{self.port}", daemon=True
+        )
+        self._thread.start()
+        self._wait_started(timeout)
+        return self
+
+    def _wait_started(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self._server and self._server.started):
+            if self._error is not None or not self._thread or not self._thread.is_alive():
+                raise RuntimeError(f"{self.name} failed to start") from self._error
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} did not start within {timeout} s")
+            time.sleep(0.005)
+
+    def _run(self, sock: socket.socket) -> None:
+        loop = _new_loop()
+        asyncio.set_event_loop(loop)
+        self.loop = loop
+        self._closing = asyncio.Event()
+        try:
+            assert self._server is not None
+            loop.run_until_complete(self._server.serve(sockets=[sock]))
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            sock.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close open connections (WebSockets get close code 1012, streaming HTTP responses
+        are dropped), stop the server and join its thread."""
+        if not self.running or self._server is None:
+            return
+        if self.loop is not None and self._closing is not None:
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._closing.set)
+        self._server.should_exit = True
+        assert self._thread is not None
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # --- cross-thread helpers -----------------------------------------------------------
+
+    def run_in_loop(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        """Run `coro` on the server's loop from another thread and return its result."""
+        if self.loop is None or not self.running:
+            coro.close()
+            raise RuntimeError(f"{self.name} is not running")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _outer_app(self, app: ASGIApp) -> ASGIApp:
+        async def outer(scope: dict, receive: Callable, send: Callable) -> None:
+            scope[_SCOPE_SERVER] = self
+            scope[_SCOPE_RAW_RECEIVE] = receive
+            await app(scope, receive, send)
+
+        return outer
+
+    @property
+    def closing(self) -> asyncio.Event:
+        """Set (on the server loop) when stop() begins."""
+        assert self._closing is not None
+        return self._closing
+
+
+# --- connection-level helpers ---------------------------------------------------------------
+
+
+def abort_connection(scope: dict) -> bool:
+    """Drop the TCP connection behind `scope` without a close handshake (no WebSocket close
+    frame, no final HTTP chunk). Returns False when the transport cannot be reached.
+
+    uvicorn hands each connection a `receive` bound to an object that owns the transport;
+    this is the only way to reach it through ASGI.
+    """
+    receive = scope.get(_SCOPE_RAW_RECEIVE)
+    transport = getattr(getattr(receive, "__self__", None), "transport", None)
+    if transport is None or transport.is_closing():
+        return False
+    transport.abort()
+    return True
+
+
+def server_of(scope: dict) -> ThreadedServer:
+    return scope[_SCOPE_SERVER]
+
+
+async def wait_for_http_disconnect(receive: Callable) -> None:
+    """Return once the HTTP client has gone away (the request body must be consumed)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _first_of(*aws: Awaitable[Any]) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class PacedResponse:
+    """An ASGI streaming response whose body comes from an async iterator that sleeps to
+    pace itself. Headers are sent with the first chunk, so a body that never yields looks
+    like a stalled server. A client disconnect (or server stop) cancels the iterator and
+    calls `on_cancel`; an iterator raising AbortConnection drops the TCP connection."""
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        *,
+        status: int = 200,
+        media_type: str = "application/octet-stream",
+        headers: dict[str, str] | None = None,
+        on_cancel: Callable[[], None] | None = None,
+        on_complete: Callable[[], None] | None = None,
+    ) -> None:
+        self.body = body
+        self.status = status
+        self.headers = [(b"content-type", media_type.encode())]
+        self.headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        self.on_cancel = on_cancel
+        self.on_complete = on_complete
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        producer = asyncio.ensure_future(self._produce(send))
+        watcher = asyncio.ensure_future(
+            _first_of(wait_for_http_disconnect(receive), server_of(scope).closing.wait())
+        )
+        await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if producer.done():
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await self._after_body(scope, receive, producer)
+            return
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
+        if self.on_cancel:
+            self.on_cancel()
+        if abort_connection(scope):
+            await wait_for_http_disconnect(receive)
+
+    async def _after_body(self, scope: dict, receive: Callable, producer: asyncio.Future) -> None:
+        exc = producer.exception()
+        if exc is None:
+            if self.on_complete:
+                self.on_complete()
+            return
+        if not isinstance(exc, AbortConnection):
+            raise exc
+        if abort_connection(scope):
+            await wait_for_http_disconnect(receive)
+
+    async def _produce(self, send: Callable) -> None:
+        started = False
+        async for chunk in self.body:
+            if not started:
+                await send(
+                    {"type": "http.response.start", "status": self.status, "headers": self.headers}
+                )
+                started = True
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if not started:
+            await send(
+                {"type": "http.response.start", "status": self.status, "headers": self.headers}
+            )
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+# --- config and waiting helpers -------------------------------------------------------------
+
+C = TypeVar("C")
+
+
+def config_from(cls: type[C], config: C | dict | None, overrides: dict[str, Any]) -> C:
+    """Build a config dataclass from an instance, a dict (e.g. parsed JSON) and keyword
+    overrides; unknown keys are an error rather than silently ignored."""
+    if config is None:
+        base: dict[str, Any] = {}
+    elif isinstance(config, dict):
+        base = dict(config)
+    else:
+        base = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}  # type: ignore[arg-type]
+    base.update(overrides)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(base) - names
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**base)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Block until `predicate()` is true; TimeoutError otherwise."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(interval)
+
+
+async def async_wait_until(predicate: Callable[[], bool], interval: float = 0.01) -> None:
+    """`wait_until` for async callers: polls without blocking the caller's loop. Bound it
+    with `asyncio.timeout()`."""
+    # ASYNC110 ignored: the state is written on an emulator thread, so there is no Event
+    # on the caller's loop to await
+    while not predicate():  # noqa: ASYNC110
+        await asyncio.sleep(interval)

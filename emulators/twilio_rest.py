@@ -1,0 +1,540 @@
+"""Twilio REST API emulator: the 2010-04-01 Calls and Messages resources the service uses,
+with Basic auth, Twilio's parameter validation codes and its JSON success and legacy error
+bodies, so the real `twilio` SDK can be pointed at it (`client.api.base_url = emu.url`).
+
+It also plays Twilio's webhook side: `post_status_callback()` sends a form POST signed with
+X-Twilio-Signature the way Twilio does (PROTOCOLS A5/A6).
+
+Must not import project modules other than utils.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import secrets
+import time
+import xml.etree.ElementTree as ET
+from collections import deque
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from twilio.request_validator import RequestValidator
+
+from emulators.base import ThreadedServer, async_wait_until, wait_until
+from utils import normalize_e164
+
+API = "/2010-04-01"
+CALL_STATUSES = {
+    "queued",
+    "ringing",
+    "in-progress",
+    "completed",
+    "busy",
+    "failed",
+    "no-answer",
+    "canceled",
+}
+_ENDED = {"completed", "busy", "failed", "no-answer", "canceled"}
+
+
+class TwilioError(Exception):
+    """A request rejected the way Twilio rejects it: HTTP status plus Twilio error code."""
+
+    def __init__(self, status: int, code: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(twilio_error_body(self.status, self.code, self.message), self.status)
+
+
+def twilio_error_body(status: int, code: int, message: str) -> dict[str, Any]:
+    """Twilio's legacy error shape; the SDK turns it into TwilioRestException."""
+    return {
+        "code": code,
+        "message": message,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
+
+
+def new_sid(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+def _rfc2822(dt: datetime) -> str:
+    return format_datetime(dt)
+
+
+def _is_url(value: str) -> bool:
+    try:
+        parsed = httpx.URL(value)
+    except (httpx.InvalidURL, TypeError):
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.host)
+
+
+def _check_number(value: str | None, *, missing: TwilioError, invalid_code: int, label: str) -> str:
+    if not value:
+        raise missing
+    if value.startswith(("client:", "sip:")):
+        return value
+    try:
+        return normalize_e164(value)
+    except ValueError:
+        raise TwilioError(400, invalid_code, f"Invalid '{label}' Phone Number: {value}") from None
+
+
+class TwilioRestEmulator(ThreadedServer):
+    """Calls, call updates and Messages of the Twilio 2010-04-01 REST API.
+
+    Recorded (copies, safe to read from any thread): `calls`, `call_updates`, `messages`,
+    `requests`. Each call/message record is the JSON resource returned to the client plus
+    `params` (form fields, last value wins) and `form` (all pairs, in order).
+    """
+
+    name = "twilio-rest"
+
+    def __init__(
+        self,
+        account_sid: str = "AC" + "0" * 32,
+        auth_token: str = "test-auth-token",
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        super().__init__(host=host, port=port)
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self._calls: dict[str, dict[str, Any]] = {}
+        self._messages: dict[str, dict[str, Any]] = {}
+        self._call_updates: list[dict[str, Any]] = []
+        self._requests: list[dict[str, Any]] = []
+        self._failures: deque[TwilioError] = deque()
+        self._callback_sequence: dict[str, int] = {}
+
+    # --- recorded state -----------------------------------------------------------------
+
+    @property
+    def calls(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(c) for c in self._calls.values()]
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(m) for m in self._messages.values()]
+
+    @property
+    def call_updates(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(u) for u in self._call_updates]
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(r) for r in self._requests]
+
+    def get_call(self, call_sid: str) -> dict[str, Any] | None:
+        with self.lock:
+            call = self._calls.get(call_sid)
+            return dict(call) if call else None
+
+    def wait_for_calls(self, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+        wait_until(lambda: len(self._calls) >= count, timeout)
+        return self.calls
+
+    async def async_wait_for_calls(self, count: int = 1) -> list[dict[str, Any]]:
+        """Bound with `asyncio.timeout()`."""
+        await async_wait_until(lambda: len(self._calls) >= count)
+        return self.calls
+
+    # --- fault injection and state changes ----------------------------------------------
+
+    def fail_next(
+        self, status: int = 500, code: int = 20500, message: str = "Internal Server Error", count=1
+    ) -> None:
+        """Make the next `count` API requests fail with Twilio's legacy error body."""
+        with self.lock:
+            self._failures.extend(TwilioError(status, code, message) for _ in range(count))
+
+    def set_call_status(self, call_sid: str, status: str) -> None:
+        if status not in CALL_STATUSES:
+            raise ValueError(f"unknown call status {status!r}")
+        with self.lock:
+            call = self._calls[call_sid]
+            call["status"] = status
+            call["date_updated"] = _rfc2822(datetime.now(UTC))
+
+    # --- webhooks Twilio sends ----------------------------------------------------------
+
+    def sign(self, url: str, params: dict[str, Any] | None = None) -> str:
+        return RequestValidator(self.auth_token).compute_signature(url, params or {})
+
+    def call_status_params(self, call_sid: str, status: str, **extra: str) -> dict[str, str]:
+        """The form fields of a call status callback for a recorded call (PROTOCOLS A6)."""
+        call = self.get_call(call_sid)
+        if call is None:
+            raise KeyError(call_sid)
+        with self.lock:
+            seq = self._callback_sequence.get(call_sid, -1) + 1
+            self._callback_sequence[call_sid] = seq
+        params = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": "2010-04-01",
+            "CallSid": call_sid,
+            "CallStatus": status,
+            "Direction": call["direction"],
+            "From": call["from"],
+            "To": call["to"],
+            "Called": call["to"],
+            "Caller": call["from"],
+            "CallbackSource": "call-progress-events",
+            "SequenceNumber": str(seq),
+            "Timestamp": _rfc2822(datetime.now(UTC)),
+        }
+        params.update(extra)
+        return params
+
+    def post_status_callback(
+        self,
+        url: str,
+        params: dict[str, str],
+        *,
+        signed_url: str | None = None,
+        timeout: float = 5.0,
+    ) -> httpx.Response:
+        """POST `params` as a form to `url`, signed over `signed_url` (the public URL the
+        app validates against; defaults to `url`)."""
+        headers = {"X-Twilio-Signature": self.sign(signed_url or url, params)}
+        return httpx.post(url, data=params, headers=headers, timeout=timeout)
+
+    async def apost_status_callback(
+        self,
+        url: str,
+        params: dict[str, str],
+        *,
+        signed_url: str | None = None,
+        http_timeout: float = 5.0,
+    ) -> httpx.Response:
+        headers = {"X-Twilio-Signature": self.sign(signed_url or url, params)}
+        async with httpx.AsyncClient(timeout=http_timeout) as client:
+            return await client.post(url, data=params, headers=headers)
+
+    async def notify_call_status(
+        self, call_sid: str, status: str, *, signed_url: str | None = None, **extra: str
+    ) -> httpx.Response | None:
+        """Move a recorded call to `status` and, if the call asked for that event (Twilio's
+        default is `completed` only), POST the status callback. Returns the app's response,
+        or None when no callback was due."""
+        self.set_call_status(call_sid, status)
+        call = self.get_call(call_sid) or {}
+        url = call.get("status_callback")
+        events = call.get("status_callback_event") or ["completed"]
+        event = "answered" if status == "in-progress" else status
+        if not url or event not in events:
+            return None
+        params = self.call_status_params(call_sid, status, **extra)
+        return await self.apost_status_callback(url, params, signed_url=signed_url)
+
+    # --- HTTP app -----------------------------------------------------------------------
+
+    def build_app(self) -> Starlette:
+        base = API + "/Accounts/{account_sid}"
+        routes = [
+            Route(base + "/Calls.json", self._create_call, methods=["POST"]),
+            Route(base + "/Calls.json", self._list_calls, methods=["GET"]),
+            Route(base + "/Calls/{call_sid}.json", self._update_call, methods=["POST"]),
+            Route(base + "/Calls/{call_sid}.json", self._fetch_call, methods=["GET"]),
+            Route(base + "/Messages.json", self._create_message, methods=["POST"]),
+            Route(base + "/Messages/{message_sid}.json", self._fetch_message, methods=["GET"]),
+        ]
+        return Starlette(routes=routes)
+
+    async def _handle(self, request: Request, action) -> Response:
+        form = list((await request.form()).multi_items()) if request.method == "POST" else []
+        record = {
+            "time": time.time(),
+            "method": request.method,
+            "path": request.url.path,
+            "query": str(request.url.query),
+            "form": [(k, str(v)) for k, v in form],
+            "headers": dict(request.headers),
+        }
+        try:
+            self._authenticate(request)
+            self._raise_injected_failure()
+            status, body = action(request.path_params, record["form"])
+            response: Response = JSONResponse(body, status)
+        except TwilioError as exc:
+            response = exc.response()
+            if exc.status == 401:
+                response.headers["WWW-Authenticate"] = 'Basic realm="Twilio API"'
+        record["status"] = response.status_code
+        with self.lock:
+            self._requests.append(record)
+        return response
+
+    def _authenticate(self, request: Request) -> None:
+        denied = TwilioError(401, 20003, "Authenticate")
+        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            raise denied
+        try:
+            user, _, password = base64.b64decode(encoded).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise denied from None
+        ok_user = hmac.compare_digest(user, self.account_sid)
+        ok_password = hmac.compare_digest(password, self.auth_token)
+        if not (ok_user and ok_password):
+            raise denied
+        if request.path_params.get("account_sid") != self.account_sid:
+            path = request.url.path
+            raise TwilioError(404, 20404, f"The requested resource {path} was not found")
+
+    def _raise_injected_failure(self) -> None:
+        with self.lock:
+            failure = self._failures.popleft() if self._failures else None
+        if failure is not None:
+            raise failure
+
+    async def _create_call(self, request: Request) -> Response:
+        return await self._handle(request, self._do_create_call)
+
+    async def _list_calls(self, request: Request) -> Response:
+        return await self._handle(request, self._do_list_calls)
+
+    async def _update_call(self, request: Request) -> Response:
+        return await self._handle(request, self._do_update_call)
+
+    async def _fetch_call(self, request: Request) -> Response:
+        return await self._handle(request, self._do_fetch_call)
+
+    async def _create_message(self, request: Request) -> Response:
+        return await self._handle(request, self._do_create_message)
+
+    async def _fetch_message(self, request: Request) -> Response:
+        return await self._handle(request, self._do_fetch_message)
+
+    # --- resources ----------------------------------------------------------------------
+
+    def _resource_uri(self, kind: str, sid: str) -> str:
+        return f"{API}/Accounts/{self.account_sid}/{kind}/{sid}.json"
+
+    def _not_found(self, kind: str, sid: str) -> TwilioError:
+        return TwilioError(
+            404, 20404, f"The requested resource {self._resource_uri(kind, sid)} was not found"
+        )
+
+    def _do_create_call(self, path: dict, form: list[tuple[str, str]]) -> tuple[int, dict]:
+        params = dict(form)
+        to = _check_number(
+            params.get("To"),
+            missing=TwilioError(400, 21201, "No 'To' number is specified"),
+            invalid_code=21211,
+            label="To",
+        )
+        from_ = _check_number(
+            params.get("From"),
+            missing=TwilioError(400, 21213, "Caller phone number is required"),
+            invalid_code=21212,
+            label="From",
+        )
+        _check_call_instructions(params)
+        now = _rfc2822(datetime.now(UTC))
+        sid = new_sid("CA")
+        call = {
+            "sid": sid,
+            "account_sid": self.account_sid,
+            "api_version": "2010-04-01",
+            "date_created": now,
+            "date_updated": now,
+            "direction": "outbound-api",
+            "from": from_,
+            "from_formatted": from_,
+            "to": to,
+            "to_formatted": to,
+            "status": "queued",
+            "start_time": None,
+            "end_time": None,
+            "duration": None,
+            "price": None,
+            "price_unit": "USD",
+            "answered_by": None,
+            "caller_name": None,
+            "forwarded_from": None,
+            "group_sid": None,
+            "parent_call_sid": None,
+            "phone_number_sid": None,
+            "queue_time": "0",
+            "trunk_sid": None,
+            "uri": self._resource_uri("Calls", sid),
+            "subresource_uris": {
+                "recordings": self._resource_uri("Calls", sid)[:-5] + "/Recordings.json",
+                "notifications": self._resource_uri("Calls", sid)[:-5] + "/Notifications.json",
+            },
+        }
+        record = {
+            **call,
+            "url": params.get("Url"),
+            "twiml": params.get("Twiml"),
+            "application_sid": params.get("ApplicationSid"),
+            "status_callback": params.get("StatusCallback"),
+            "status_callback_event": _status_events(form),
+            "params": params,
+            "form": form,
+        }
+        with self.lock:
+            self._calls[sid] = record
+        return 201, call
+
+    def _do_list_calls(self, path: dict, form: list) -> tuple[int, dict]:
+        with self.lock:
+            calls = [self._public(c) for c in self._calls.values()]
+        return 200, {"calls": calls, "page": 0, "page_size": 50, "next_page_uri": None}
+
+    def _do_fetch_call(self, path: dict, form: list) -> tuple[int, dict]:
+        with self.lock:
+            call = self._calls.get(path["call_sid"])
+            if call is None:
+                raise self._not_found("Calls", path["call_sid"])
+            return 200, self._public(call)
+
+    def _do_update_call(self, path: dict, form: list[tuple[str, str]]) -> tuple[int, dict]:
+        sid, params = path["call_sid"], dict(form)
+        status = params.get("Status")
+        if status is not None and status not in ("completed", "canceled"):
+            raise TwilioError(400, 20001, f"Invalid Status: {status}")
+        if "Url" in params and not _is_url(params["Url"]):
+            raise TwilioError(400, 21205, f"Url is not a valid URL: {params['Url']}")
+        if "Twiml" in params:
+            _check_twiml(params["Twiml"])
+        with self.lock:
+            call = self._calls.get(sid)
+            if call is None:
+                raise self._not_found("Calls", sid)
+            if call["status"] in _ENDED and (status is None):
+                raise TwilioError(400, 21220, "Call is not in-progress. Cannot redirect.")
+            self._apply_update(call, params, status)
+            self._call_updates.append(
+                {"time": time.time(), "sid": sid, "params": params, "form": form}
+            )
+            return 200, self._public(call)
+
+    @staticmethod
+    def _apply_update(call: dict, params: dict[str, str], status: str | None) -> None:
+        if status is not None and call["status"] not in _ENDED:
+            call["status"] = status
+            call["end_time"] = _rfc2822(datetime.now(UTC))
+        for field, key in (("twiml", "Twiml"), ("url", "Url")):
+            if key in params:
+                call[field] = params[key]
+        call["date_updated"] = _rfc2822(datetime.now(UTC))
+
+    def _do_create_message(self, path: dict, form: list[tuple[str, str]]) -> tuple[int, dict]:
+        params = dict(form)
+        to = _check_number(
+            params.get("To"),
+            missing=TwilioError(400, 21604, "A 'To' phone number is required."),
+            invalid_code=21211,
+            label="To",
+        )
+        sender = params.get("From") or ""
+        if not sender and not params.get("MessagingServiceSid"):
+            raise TwilioError(400, 21603, "A 'From' phone number is required.")
+        body = params.get("Body", "")
+        if not body and not params.get("MediaUrl"):
+            raise TwilioError(400, 21602, "Message body is required.")
+        if len(body) > 1600:
+            raise TwilioError(
+                400, 21617, "The concatenated message body exceeds the 1600 character limit."
+            )
+        message = self._message_resource(to, sender, body, params)
+        with self.lock:
+            self._messages[message["sid"]] = {**message, "params": params, "form": form}
+        return 201, message
+
+    def _message_resource(self, to: str, sender: str, body: str, params: dict) -> dict:
+        now = _rfc2822(datetime.now(UTC))
+        sid = new_sid("SM")
+        return {
+            "sid": sid,
+            "account_sid": self.account_sid,
+            "api_version": "2010-04-01",
+            "body": body,
+            "date_created": now,
+            "date_updated": now,
+            "date_sent": None,
+            "direction": "outbound-api",
+            "error_code": None,
+            "error_message": None,
+            "from": sender or None,
+            "messaging_service_sid": params.get("MessagingServiceSid"),
+            "num_media": "1" if params.get("MediaUrl") else "0",
+            "num_segments": str(_sms_segments(body)),
+            "price": None,
+            "price_unit": "USD",
+            "status": "accepted" if not sender else "queued",
+            "to": to,
+            "uri": self._resource_uri("Messages", sid),
+            "subresource_uris": {"media": self._resource_uri("Messages", sid)[:-5] + "/Media.json"},
+        }
+
+    def _do_fetch_message(self, path: dict, form: list) -> tuple[int, dict]:
+        with self.lock:
+            message = self._messages.get(path["message_sid"])
+            if message is None:
+                raise self._not_found("Messages", path["message_sid"])
+            return 200, self._public(message)
+
+    @staticmethod
+    def _public(record: dict) -> dict:
+        private = {"url", "twiml", "application_sid", "status_callback"}
+        private |= {"status_callback_event", "params", "form"}
+        return {k: v for k, v in record.items() if k not in private}
+
+
+def _sms_segments(body: str) -> int:
+    # GSM-7: one segment holds 160 characters, concatenated segments 153 each
+    return 1 if len(body) <= 160 else -(-len(body) // 153)
+
+
+def _status_events(form: list[tuple[str, str]]) -> list[str]:
+    events: list[str] = []
+    for key, value in form:
+        if key == "StatusCallbackEvent":
+            events.extend(value.split())
+    return events
+
+
+def _check_call_instructions(params: dict[str, str]) -> None:
+    given = [k for k in ("Url", "Twiml", "ApplicationSid") if params.get(k)]
+    if not given:
+        raise TwilioError(400, 21205, "A 'Url', 'Twiml' or 'ApplicationSid' parameter is required.")
+    if len(given) > 1:
+        raise TwilioError(
+            400, 21205, "Only one of 'Url', 'Twiml' or 'ApplicationSid' may be specified."
+        )
+    if "Url" in given and not _is_url(params["Url"]):
+        raise TwilioError(400, 21205, f"Url is not a valid URL: {params['Url']}")
+    if "Twiml" in given:
+        _check_twiml(params["Twiml"])
+    if params.get("StatusCallback") and not _is_url(params["StatusCallback"]):
+        raise TwilioError(400, 21609, "Invalid StatusCallback URL")
+
+
+def _check_twiml(twiml: str) -> None:
+    try:
+        root = ET.fromstring(twiml)
+    except ET.ParseError:
+        raise TwilioError(400, 12100, "Document parse failure") from None
+    if root.tag != "Response":
+        raise TwilioError(400, 12100, "Document parse failure: root element is not <Response>")
