@@ -17,7 +17,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from models import TERMINAL_STATUSES, Agent, Call, CallEvent, TranscriptTurn
-from utils import utcnow
+from utils import render_template, utcnow
+from voice_pipeline import AgentConfig
 
 _RANK = {"queued": 0, "initiated": 0, "ringing": 1, "in-progress": 2, "answered": 2}
 _TERMINAL_REASON = {"busy": "busy", "no-answer": "no-answer", "failed": "failed"}
@@ -75,10 +76,17 @@ class SqlCallStore:
     """What the pipeline persists, one short transaction each."""
 
     def __init__(
-        self, sessionmaker: async_sessionmaker[AsyncSession], hook: CallHook | None = None
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        hook: CallHook | None = None,
+        *,
+        default_model: str = "llama3.2",
+        fallback_line: str = "Sorry, could you say that again?",
     ):
         self.sessionmaker = sessionmaker
         self.hook = hook or _noop_hook
+        self.default_model = default_model
+        self.fallback_line = fallback_line
 
     async def load(self, call_id: str) -> tuple[Call, Agent | None] | None:
         async with self.sessionmaker() as session:
@@ -87,6 +95,45 @@ class SqlCallStore:
                 return None
             agent = await session.get(Agent, call.agent_id) if call.agent_id else None
             return call, agent
+
+    async def load_config(self, call_id: str) -> AgentConfig | None:
+        loaded = await self.load(call_id)
+        if loaded is None or loaded[1] is None:
+            return None
+        call, agent = loaded
+        caller = call.from_number if call.direction == "inbound" else call.to_number
+        ours = call.to_number if call.direction == "inbound" else call.from_number
+        variables = {
+            **agent.variables,
+            **call.variables,
+            "call_id": call.id,
+            "caller_number": caller,
+            "agent_number": ours,
+        }
+        return AgentConfig(
+            call_id=call.id,
+            agent_id=agent.id,
+            system_prompt=render_template(agent.system_prompt, variables),
+            first_message=render_template(agent.first_message, variables),
+            first_message_mode=agent.first_message_mode,
+            voice=agent.voice,
+            language=agent.language,
+            llm_model=agent.llm_model or self.default_model,
+            temperature=agent.temperature,
+            max_call_seconds=agent.max_call_seconds,
+            silence_timeout_s=agent.silence_timeout_seconds,
+            end_call_phrases=list(agent.end_call_phrases),
+            min_interrupt_speech_ms=agent.min_interrupt_speech_ms,
+            min_interrupt_words=agent.min_interrupt_words,
+            backchannel_phrases=list(agent.backchannel_phrases),
+            fallback_line=agent.fallback_line or self.fallback_line,
+            tools=list(agent.tools),
+            direction=call.direction,
+            caller_number=caller,
+            agent_number=ours,
+            transfer_number=agent.transfer_number or "",
+            variables=variables,
+        )
 
     async def stream_started(self, call_id: str, *, stream_sid: str, call_sid: str) -> None:
         async with self.sessionmaker() as session, session.begin():

@@ -7,12 +7,13 @@ Run: `uvicorn main:create_app --factory`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 
 import routes_twilio
 import routes_v1
@@ -20,8 +21,13 @@ from call_store import SqlCallStore
 from config import Settings
 from db import Database
 from errors import install_error_handlers
+from llm_ollama import OllamaLLM
+from metrics import PipelineMetrics
+from stt_deepgram import DeepgramSTT
 from telephony import TwilioGateway
-from voice_pipeline import CallManager
+from tts_deepgram import DeepgramTTS
+from vad import SileroModel, shared_batcher
+from voice_pipeline import CallManager, PipelineDeps
 
 log = logging.getLogger("ai_sdr")
 
@@ -37,17 +43,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         twilio = TwilioGateway(
             settings.TWILIO_ACCOUNT_SID, settings.TWILIO_AUTH_TOKEN, settings.TWILIO_API_BASE_URL
         )
-        app.state.db = database
-        app.state.twilio = twilio
-        app.state.calls = CallManager(SqlCallStore(database.sessionmaker))
+        llm, tts = OllamaLLM(settings), DeepgramTTS(settings)
+        store = SqlCallStore(
+            database.sessionmaker,
+            default_model=settings.OLLAMA_MODEL,
+            fallback_line=settings.LLM_FALLBACK_LINE,
+        )
+        await asyncio.to_thread(SileroModel.load)  # load once, off the loop, before calls
+        app.state.db, app.state.twilio, app.state.llm = database, twilio, llm
+        app.state.calls = CallManager(
+            PipelineDeps(
+                stt=DeepgramSTT(settings),
+                llm=llm,
+                tts=tts,
+                store=store,
+                control=twilio,
+                metrics=app.state.metrics,
+                vad_batcher=shared_batcher,
+                vad_threshold=settings.VAD_THRESHOLD,
+            )
+        )
         try:
             yield
         finally:
             await twilio.aclose()
+            await llm.aclose()
+            await tts.aclose()
             await database.aclose()
 
     app = FastAPI(title="AI SDR", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = PipelineMetrics()
     install_error_handlers(app)
     app.include_router(routes_v1.router)
     app.include_router(routes_twilio.router)
@@ -56,13 +82,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health(request: Request) -> dict[str, Any]:
         return await _health(request.app, settings)
 
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
     return app
 
 
 async def _health(app: FastAPI, settings: Settings) -> dict[str, Any]:
-    database_ok = await app.state.db.ping()
+    database_ok, ollama_ok = await asyncio.gather(app.state.db.ping(), app.state.llm.healthy())
     checks = {
         "database": "ok" if database_ok else "down",
+        "ollama": "ok" if ollama_ok else "unreachable",
         "twilio": "configured" if app.state.twilio.configured else "not_configured",
         "deepgram": "configured" if settings.DEEPGRAM_API_KEY else "not_configured",
     }

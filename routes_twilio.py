@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response, WebSocket
+from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
 from sqlalchemy import select
+from starlette.websockets import WebSocketState
 
 from call_store import apply_status
 from config import Settings
@@ -126,4 +127,29 @@ async def media_stream(websocket: WebSocket) -> None:
         log.warning("rejected media stream: bad or missing X-Twilio-Signature")
         await websocket.close(code=1008, reason="invalid signature")
         return
-    await websocket.app.state.calls.handle(websocket)
+    await websocket.app.state.calls.handle(WebSocketTransport(websocket))
+
+
+class WebSocketTransport:
+    """The pipeline's `MediaTransport` over Starlette's WebSocket."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+
+    async def receive_text(self) -> str | None:
+        try:
+            message = await self.websocket.receive()
+        except (WebSocketDisconnect, RuntimeError):
+            return None
+        if message["type"] == "websocket.disconnect":
+            return None
+        if message.get("text") is not None:
+            return str(message["text"])
+        return (message.get("bytes") or b"").decode("utf-8", errors="replace")
+
+    async def send_text(self, text: str) -> None:
+        await self.websocket.send_text(text)
+
+    async def close(self, code: int = 1000) -> None:
+        if self.websocket.application_state == WebSocketState.CONNECTED:
+            await self.websocket.close(code=code)

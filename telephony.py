@@ -136,7 +136,8 @@ class TwilioGateway:
         await self._run(self.client.calls(call_sid).update_async(twiml=twiml))
 
     async def hang_up(self, call_sid: str) -> None:
-        await self._run(self.client.calls(call_sid).update_async(status="completed"))
+        if call_sid:
+            await self._run(self.client.calls(call_sid).update_async(status="completed"))
 
     async def send_sms(self, *, to: str, from_: str, body: str) -> str:
         message = await self._run(self.client.messages.create_async(to=to, from_=from_, body=body))
@@ -151,6 +152,11 @@ class TwilioGateway:
 
     async def aclose(self) -> None:
         await self._http.close()
+
+    # --- the pipeline's CallControl -------------------------------------------------------
+
+    async def transfer(self, call_sid: str, *, number: str, caller_id: str) -> None:
+        await self.update_call_twiml(call_sid, transfer_twiml(number, caller_id))
 
     @staticmethod
     async def _run(awaitable: Any) -> Any:

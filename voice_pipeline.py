@@ -1,45 +1,1209 @@
 """Live calls: one `CallSession` per Twilio Media Stream.
 
-Placeholder while the live-audio pipeline lands: it completes the Media Streams handshake,
-records the stream start and end, and ends the call with the right reason.
+Role: turn-taking, barge-in, streaming LLM -> TTS, outbound pacing with marks, timers and
+provider faults for one call. It knows the provider protocols (`providers.py`), the VAD, and
+the small protocols below; never FastAPI, SQLAlchemy or a concrete vendor.
+
+Per call, one `asyncio.TaskGroup` runs the long-lived loops::
+
+    _receive_loop   Twilio messages -> STT audio, VAD queue, marks, DTMF, stop
+    _vad_loop       Silero VAD events -> barge-in pause, Finalize on end of speech
+    _stt_loop       transcripts -> end of turn, barge-in confirm/resume
+    _pacer_loop     speech audio -> 20 ms media frames paced against the playback clock
+    _watchdog_loop  silence timeout, max duration, barge-in resolution deadline
+
+Each agent utterance is a `Speech` produced by its own task (LLM -> chunker -> TTS). Caller
+speech while the agent is audible pauses it at once (Twilio `clear`); the transcript then
+decides: backchannel or noise resumes from the byte the caller last heard, anything else
+cancels the producer and the assistant turn keeps exactly what was heard.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import contextlib
 import json
 import logging
-from typing import Any
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
-from fastapi import WebSocket, WebSocketDisconnect
-
-from call_store import SqlCallStore
+from metrics import PipelineMetrics
+from providers import (
+    Clock,
+    LLMError,
+    LLMProvider,
+    Message,
+    ProviderError,
+    SpeechStarted,
+    STTError,
+    STTProvider,
+    STTStream,
+    ToolCall,
+    Transcript,
+    TTSError,
+    TTSProvider,
+    UtteranceEnd,
+)
+from utils import FRAME_BYTES, SAMPLE_RATE
+from vad import VADBatcher, VADSpeechEnd, VADSpeechStart, VADStream
 
 log = logging.getLogger("ai_sdr.pipeline")
 
+LEAD_S = 0.3
+"""Outbound audio kept queued at Twilio ahead of the playback clock: enough to ride out
+network jitter, little enough that a barge-in has little to clear."""
+FRAME_S = FRAME_BYTES / SAMPLE_RATE
+MAX_UNSENT_BYTES = 20 * SAMPLE_RATE
+"""Synthesised audio waiting to be paced out; TTS waits beyond this (backpressure)."""
+INBOUND_QUEUE_FRAMES = 50
+MAX_MESSAGE_CHARS = 64 * 1024
+BARGE_IN_RESOLVE_S = 1.5
+"""After the caller's speech ends, how long to wait for a transcript before treating a
+paused barge-in as noise and resuming."""
+TOOL_FILLER_AFTER_S = 1.0
+DEFAULT_FILLER = "One moment, please."
+REPROMPT_LINE = "Are you still there?"
+SILENCE_GOODBYE = "It seems we got disconnected. Feel free to call back anytime. Goodbye!"
+MAX_DURATION_GOODBYE = "I'm sorry, we've reached the time limit for this call. Goodbye!"
+STT_FAILED_LINE = "I'm sorry, I'm having trouble hearing you. Please call back later. Goodbye."
+MAX_CONSECUTIVE_LLM_FAILURES = 3
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+# --- contracts the app provides ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    """Everything a call needs from its agent and call records, templates already filled."""
+
+    call_id: str
+    agent_id: str
+    system_prompt: str
+    first_message: str = ""
+    first_message_mode: str = "assistant_speaks_first"
+    voice: str = "aura-2-thalia-en"
+    language: str = "en-US"
+    llm_model: str = "llama3.2"
+    temperature: float = 0.4
+    max_call_seconds: float = 900.0
+    silence_timeout_s: float = 10.0
+    end_call_phrases: list[str] = field(default_factory=list)
+    min_interrupt_speech_ms: int = 60
+    min_interrupt_words: int = 0
+    backchannel_phrases: list[str] = field(default_factory=list)
+    fallback_line: str = "Sorry, I'm having trouble right now. Could you say that again?"
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    direction: str = "inbound"
+    caller_number: str = ""
+    agent_number: str = ""
+    transfer_number: str = ""
+    caller_memory: str = ""
+    variables: dict[str, Any] = field(default_factory=dict)
+
+
+class MediaTransport(Protocol):
+    """The Twilio WebSocket as the pipeline sees it."""
+
+    async def receive_text(self) -> str | None:
+        """The next text message, or None once the peer has gone."""
+        ...
+
+    async def send_text(self, text: str) -> None: ...
+
+    async def close(self, code: int = 1000) -> None: ...
+
+
+class CallStore(Protocol):
+    async def load_config(self, call_id: str) -> AgentConfig | None: ...
+
+    async def stream_started(self, call_id: str, *, stream_sid: str, call_sid: str) -> None: ...
+
+    async def add_turn(self, call_id: str, **fields: Any) -> None: ...
+
+    async def add_event(
+        self, call_id: str, type_: str, data: dict[str, Any], call_time_s: float | None = None
+    ) -> None: ...
+
+    async def set_fields(self, call_id: str, **fields: Any) -> None: ...
+
+    async def finish(self, call_id: str, *, ended_reason: str) -> None: ...
+
+
+class CallControl(Protocol):
+    """Telephony actions on the live call (Twilio REST)."""
+
+    async def hang_up(self, call_sid: str) -> None: ...
+
+    async def transfer(self, call_sid: str, *, number: str, caller_id: str) -> None: ...
+
+
+class Retriever(Protocol):
+    async def context_for(self, agent_id: str, query: str) -> str:
+        """Reference passages for `query`, formatted for the prompt, or ""."""
+        ...
+
+
+@dataclass(slots=True)
+class ToolContext:
+    config: AgentConfig
+    call_sid: str
+    idempotency_key: str
+
+
+@dataclass(slots=True)
+class ToolOutcome:
+    """A tool's result for the LLM, plus any call-control action the session must take
+    once the agent's last words have played."""
+
+    result: Any
+    action: Literal["end_call", "transfer"] | None = None
+    transfer_to: str | None = None
+    say: str | None = None
+
+
+class ToolRunner(Protocol):
+    def schemas(self, config: AgentConfig) -> list[dict[str, Any]]: ...
+
+    def filler_for(self, config: AgentConfig, name: str) -> str | None: ...
+
+    async def run(self, call: ToolCall, ctx: ToolContext) -> ToolOutcome: ...
+
+
+@dataclass(slots=True)
+class PipelineDeps:
+    stt: STTProvider
+    llm: LLMProvider
+    tts: TTSProvider
+    store: CallStore
+    control: CallControl
+    metrics: PipelineMetrics
+    vad_batcher: Callable[[], VADBatcher]
+    retriever: Retriever | None = None
+    tools: ToolRunner | None = None
+    vad_threshold: float = 0.5
+    clock: Clock = time.monotonic
+
+
+class _CallEnded(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --- text helpers -----------------------------------------------------------------------
+
+_WORD = re.compile(r"[a-z0-9']+(?:-[a-z0-9']+)*")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s")
+_CLAUSE_END = re.compile(r"[,;:\u2014][\"')\]]*\s")
+_ABBREVIATIONS = ("mr.", "mrs.", "ms.", "dr.", "st.", "vs.", "e.g.", "i.e.", "etc.", "approx.")
+
+
+def words_of(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def is_backchannel(text: str, phrases: list[str]) -> bool:
+    """True when `text` is made only of backchannel phrases ("uh-huh", "yeah, right")."""
+    remaining = " ".join(words_of(text))
+    if not remaining:
+        return True
+    for phrase in sorted((" ".join(words_of(p)) for p in phrases), key=len, reverse=True):
+        if phrase:
+            remaining = re.sub(rf"(?<![\w']){re.escape(phrase)}(?![\w'])", " ", remaining)
+    return not remaining.strip()
+
+
+def cut_at_share(text: str, share: float) -> str:
+    """The words of `text` spoken in the first `share` of its audio (whole words only)."""
+    if share >= 1.0:
+        return text
+    cut = int(len(text) * max(share, 0.0))
+    if cut < len(text) and not text[cut].isspace():
+        cut = text.rfind(" ", 0, cut)
+    return text[: max(cut, 0)].rstrip()
+
+
+class SentenceChunker:
+    """Splits a token stream into speakable chunks: sentences, or clauses once long enough.
+    The first chunk may be short so that speech starts as early as possible."""
+
+    def __init__(self, first_min: int = 8, min_chars: int = 40, clause_min: int = 60) -> None:
+        self._buffer = ""
+        self._first = True
+        self.first_min, self.min_chars, self.clause_min = first_min, min_chars, clause_min
+
+    def push(self, token: str) -> list[str]:
+        self._buffer += token
+        chunks = []
+        while chunk := self._take():
+            chunks.append(chunk)
+        return chunks
+
+    def flush(self) -> str:
+        rest, self._buffer = self._buffer.strip(), ""
+        return rest
+
+    def _take(self) -> str | None:
+        minimum = self.first_min if self._first else self.min_chars
+        for pattern, floor in ((_SENTENCE_END, minimum), (_CLAUSE_END, self.clause_min)):
+            for match in pattern.finditer(self._buffer):
+                end = match.end()
+                candidate = self._buffer[:end].strip()
+                if len(candidate) < (self.first_min if self._first else floor):
+                    continue
+                if pattern is _SENTENCE_END and candidate.lower().endswith(_ABBREVIATIONS):
+                    continue
+                self._buffer = self._buffer[end:]
+                self._first = False
+                return candidate
+        return None
+
+
+# --- outbound speech --------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Chunk:
+    text: str
+    start: int
+    end: int | None = None  # byte offset in Speech.audio once its audio is complete
+    mark: str = ""
+    mark_sent: bool = False
+    acked: bool = False
+
+
+@dataclass(eq=False)
+class Speech:
+    """One agent utterance: the audio synthesised so far, its text chunks, how far it has
+    been sent, and what the caller has heard."""
+
+    id: int
+    kind: str
+    audio: bytearray = field(default_factory=bytearray)
+    chunks: list[Chunk] = field(default_factory=list)
+    sent: int = 0
+    producer_done: bool = False
+    cancelled: bool = False
+    played: asyncio.Event = field(default_factory=asyncio.Event)
+    first_media_at: float | None = None
+    first_audio_at: float | None = None
+    end_at: float | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    timing: TurnTiming | None = None
+    latency: dict[str, float | None] = field(default_factory=dict)
+
+    def complete_bytes(self) -> int:
+        ends = [c.end for c in self.chunks if c.end is not None]
+        return ends[-1] if ends else 0
+
+    def heard_text(self, played_bytes: int) -> str:
+        """Chunks whose marks came back, plus the played share of the next one."""
+        parts = []
+        for chunk in self.chunks:
+            if chunk.acked:
+                parts.append(chunk.text)
+                continue
+            end = chunk.end if chunk.end is not None else len(self.audio)
+            length = max(end - chunk.start, 1)
+            share = min(max(played_bytes - chunk.start, 0) / length, 1.0)
+            parts.append(cut_at_share(chunk.text, share))
+            break
+        return " ".join(p for p in parts if p).strip()
+
+    def full_text(self) -> str:
+        return " ".join(c.text for c in self.chunks).strip()
+
+
+@dataclass(slots=True)
+class BargeIn:
+    onset_audio: float
+    detected_at: float
+    cleared_at: float
+    speech: Speech
+    heard: str
+    played_bytes: int
+    vad_ended_at: float | None = None
+
+
+@dataclass(slots=True)
+class TurnTiming:
+    eos_at: float | None = None
+    final_at: float | None = None
+    llm_first_token_at: float | None = None
+    tts_first_audio_at: float | None = None
+    retrieval_ms: float | None = None
+
+    def ms(self, at: float | None) -> float | None:
+        if at is None or self.eos_at is None:
+            return None
+        return round((at - self.eos_at) * 1000, 1)
+
+
+# --- the call ---------------------------------------------------------------------------
+
+
+class CallSession:
+    def __init__(
+        self,
+        config: AgentConfig,
+        transport: MediaTransport,
+        deps: PipelineDeps,
+        *,
+        stream_sid: str,
+        call_sid: str,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.deps = deps
+        self.clock = deps.clock
+        self.stream_sid = stream_sid
+        self.call_sid = call_sid
+        self.started_at = self.clock()
+        self.ended_reason = "customer-ended-call"
+        self.history: list[Message] = [{"role": "system", "content": self._system_prompt()}]
+        self._media_prefix = (
+            f'{{"event":"media","streamSid":{json.dumps(stream_sid)},"media":{{"payload":"'
+        )
+        self._inbound: asyncio.Queue[bytes] = asyncio.Queue(INBOUND_QUEUE_FRAMES)
+        self._stt: STTStream | None = None
+        self._vad = VADStream(
+            deps.vad_batcher(),
+            threshold=deps.vad_threshold,
+            min_speech_ms=max(config.min_interrupt_speech_ms, 32),
+            clock=self.clock,
+        )
+        self._audio_t0: float | None = None
+        # outbound
+        self._speech: Speech | None = None
+        self._producer: asyncio.Task[None] | None = None
+        self._speech_ids = 0
+        self._generation = 0
+        self._play_end = 0.0
+        self._paused = False
+        self._wake_pacer = asyncio.Event()
+        self._sent_more = asyncio.Event()
+        # inbound utterance
+        self._finals: list[str] = []
+        self._interim = ""
+        self._timing = TurnTiming()
+        self._utt_onset: float | None = None
+        self._utt_end: float | None = None
+        self._barge_in: BargeIn | None = None
+        self._dtmf: list[str] = []
+        self._dtmf_at = 0.0
+        # timers and bookkeeping
+        self._last_activity = self.started_at
+        self._reprompted = False
+        self._llm_failures = 0
+        self._pending_action: ToolOutcome | None = None
+        self._final_reason: str | None = None
+        self._ending = False
+        self._tg: asyncio.TaskGroup | None = None
+        self._writes: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue()
+        self.frames_dropped = 0
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> str:
+        """Run the call until hang-up; returns the ended reason."""
+        metrics = self.deps.metrics
+        metrics.calls_started.inc()
+        metrics.calls_active.inc()
+        writer = asyncio.create_task(self._writer_loop(), name=f"writes-{self.config.call_id}")
+        self._write("stream_started", {"stream_sid": self.stream_sid, "call_sid": self.call_sid})
+        try:
+            async with self.deps.stt.open(
+                language=self.config.language, tag=self.config.call_id
+            ) as stt:
+                self._stt = stt
+                await self._run_loops()
+        except* _CallEnded as ended:
+            self.ended_reason = ended.exceptions[0].reason  # type: ignore[attr-defined]
+        except* STTError:
+            log.warning("call %s: transcription failed for good", self.config.call_id)
+            self.ended_reason = "error"
+        except* Exception:
+            log.exception("call %s: pipeline failure", self.config.call_id)
+            self.ended_reason = "error"
+        finally:
+            self._record_unfinished_speech()
+            self._write("finish", {"ended_reason": self.ended_reason})
+            self._writes.put_nowait(None)
+            await asyncio.shield(writer)
+            metrics.calls_active.dec()
+            metrics.calls_ended.labels(self.ended_reason).inc()
+        return self.ended_reason
+
+    async def _run_loops(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            tg.create_task(self._receive_loop(), name="receive")
+            tg.create_task(self._vad_loop(), name="vad")
+            tg.create_task(self._stt_loop(), name="stt")
+            tg.create_task(self._pacer_loop(), name="pacer")
+            tg.create_task(self._watchdog_loop(), name="watchdog")
+            if self.config.first_message_mode == "assistant_speaks_first" and (
+                self.config.first_message
+            ):
+                self._start_speech("greeting", self.config.first_message)
+
+    def call_time(self) -> float:
+        return round(self.clock() - self.started_at, 3)
+
+    def _system_prompt(self) -> str:
+        prompt = self.config.system_prompt
+        if self.config.caller_memory:
+            prompt += "\n\nWhat you know from earlier calls with this caller:\n"
+            prompt += self.config.caller_memory
+        prompt += (
+            "\n\nYou are speaking on a phone call: answer in short, natural spoken sentences, "
+            "without lists, markdown or emoji."
+        )
+        return prompt
+
+    # --- persistence (one writer task, in order, never on the audio path) ---------------
+
+    def _write(self, kind: str, payload: Any) -> None:
+        self._writes.put_nowait((kind, payload))
+
+    async def _writer_loop(self) -> None:
+        store, call_id = self.deps.store, self.config.call_id
+        while (item := await self._writes.get()) is not None:
+            kind, payload = item
+            try:
+                if kind == "turn":
+                    await store.add_turn(call_id, **payload)
+                elif kind == "event":
+                    await store.add_event(call_id, payload[0], payload[1], payload[2])
+                elif kind == "stream_started":
+                    await store.stream_started(call_id, **payload)
+                elif kind == "fields":
+                    await store.set_fields(call_id, **payload)
+                elif kind == "finish":
+                    await store.finish(call_id, **payload)
+            except Exception:
+                log.exception("call %s: could not persist %s", call_id, kind)
+
+    def _event(self, type_: str, **data: Any) -> None:
+        self._write("event", (type_, data, self.call_time()))
+
+    # --- inbound ------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            text = await self.transport.receive_text()
+            if text is None:
+                raise _CallEnded(self._hangup_reason())
+            message = self._parse(text)
+            if message is None:
+                continue
+            event = message.get("event")
+            if event == "media":
+                self._on_media(message)
+            elif event == "mark":
+                self._on_mark(message)
+            elif event == "dtmf":
+                self._on_dtmf(message)
+            elif event == "stop":
+                raise _CallEnded(self._hangup_reason())
+
+    def _hangup_reason(self) -> str:
+        return "customer-ended-call" if not self._ending else self.ended_reason
+
+    def _parse(self, text: str) -> dict[str, Any] | None:
+        if len(text) > MAX_MESSAGE_CHARS:
+            return self._malformed("oversize message")
+        try:
+            message = json.loads(text)
+        except ValueError:
+            return self._malformed("invalid JSON")
+        if not isinstance(message, dict):
+            return self._malformed("not a JSON object")
+        return message
+
+    def _malformed(self, why: str) -> None:
+        self.deps.metrics.malformed_messages.inc()
+        log.warning("call %s: ignored media stream message (%s)", self.config.call_id, why)
+        return None
+
+    def _on_media(self, message: dict[str, Any]) -> None:
+        media = message.get("media")
+        if not isinstance(media, dict) or media.get("track", "inbound") != "inbound":
+            return
+        try:
+            frame = base64.b64decode(media.get("payload", ""), validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            self._malformed("bad base64 payload")
+            return
+        if not frame:
+            return
+        if self._audio_t0 is None:
+            self._audio_t0 = self.clock()
+        if self._inbound.full():
+            self._inbound.get_nowait()
+            self.frames_dropped += 1
+            self.deps.metrics.inbound_frames_dropped.inc()
+        self._inbound.put_nowait(frame)
+
+    def _on_dtmf(self, message: dict[str, Any]) -> None:
+        digit = str((message.get("dtmf") or {}).get("digit", ""))[:1]
+        if not digit:
+            return
+        self._dtmf.append(digit)
+        self._dtmf_at = self.clock()
+        self._last_activity = self._dtmf_at
+        self._event("dtmf", digit=digit)
+
+    def _audio_to_clock(self, audio_time: float) -> float | None:
+        return None if self._audio_t0 is None else self._audio_t0 + audio_time
+
+    async def _vad_loop(self) -> None:
+        assert self._stt is not None
+        while True:
+            frame = await self._inbound.get()
+            await self._stt.send_audio(frame)
+            for event in await self._vad.process(frame):
+                if isinstance(event, VADSpeechStart):
+                    self._on_speech_start(event)
+                else:
+                    await self._on_speech_end(event)
+
+    def _on_speech_start(self, event: VADSpeechStart) -> None:
+        self._last_activity = self.clock()
+        if self._utt_onset is None:
+            self._utt_onset = event.onset
+        if self._speech is not None and not self._paused and self._barge_in is None:
+            self._pause_for_barge_in(event)
+
+    async def _on_speech_end(self, event: VADSpeechEnd) -> None:
+        self._last_activity = self.clock()
+        self._utt_end = event.end
+        self._timing.eos_at = self._audio_to_clock(event.end)
+        if self._barge_in is not None:
+            self._barge_in.vad_ended_at = self.clock()
+        assert self._stt is not None
+        await self._stt.finalize()
+
+    # --- transcripts and turns ----------------------------------------------------------
+
+    async def _stt_loop(self) -> None:
+        assert self._stt is not None
+        try:
+            async for event in self._stt.events():
+                if isinstance(event, Transcript):
+                    self._on_transcript(event)
+                elif isinstance(event, UtteranceEnd) and self._finals:
+                    self._end_of_turn(event.received_at or self.clock())
+                elif isinstance(event, SpeechStarted):
+                    self._last_activity = self.clock()
+        except STTError:
+            self.deps.metrics.provider_errors.labels("stt").inc()
+            await self._finish_with(STT_FAILED_LINE, "error")
+
+    def _on_transcript(self, event: Transcript) -> None:
+        text = event.text.strip()
+        if not event.is_final:
+            self._interim = text
+            self._check_barge_in(" ".join([*self._finals, text]))
+            return
+        if text:
+            self._finals.append(text)
+            self._interim = ""
+            self._timing.final_at = event.received_at or self.clock()
+            self._check_barge_in(" ".join(self._finals))
+        if (event.speech_final or event.from_finalize) and self._finals:
+            self._end_of_turn(event.received_at or self.clock())
+
+    def _interrupts(self, text: str) -> bool:
+        words = words_of(text)
+        if not words or is_backchannel(text, self.config.backchannel_phrases):
+            return False
+        return len(words) >= max(self.config.min_interrupt_words, 1)
+
+    def _check_barge_in(self, text: str) -> None:
+        """A paused barge-in whose words are real speech becomes an interruption."""
+        if self._barge_in is not None and self._interrupts(text):
+            self._confirm_barge_in()
+
+    def _end_of_turn(self, final_at: float) -> None:
+        text = " ".join(self._finals).strip()
+        timing = self._timing
+        timing.final_at = timing.final_at or final_at
+        if timing.eos_at is None:
+            timing.eos_at = timing.final_at
+        onset, end = self._utt_onset, self._utt_end
+        self._finals, self._interim, self._timing = [], "", TurnTiming()
+        self._utt_onset = self._utt_end = None
+        if self._barge_in is not None:
+            if not self._interrupts(text):
+                self._resume_after_barge_in("backchannel")
+                return
+            self._confirm_barge_in()
+        elif self._speech is not None:
+            if not self._interrupts(text):
+                self._event("backchannel", paused=False)
+                return
+            self._interrupt_current("caller-spoke")
+        if self._ending:
+            return
+        self._user_turn(text, timing, onset, end)
+
+    def _user_turn(
+        self, text: str, timing: TurnTiming, onset: float | None, end: float | None
+    ) -> None:
+        self._reprompted = False
+        self._write(
+            "turn",
+            {
+                "role": "user",
+                "text": text,
+                "start_s": round(onset or 0.0, 3),
+                "end_s": round(end or self.call_time(), 3),
+                "stt_final_ms": timing.ms(timing.final_at),
+            },
+        )
+        self.history.append({"role": "user", "content": text})
+        self._observe("stt_final", timing.ms(timing.final_at))
+        self._start_speech("answer", lambda speech: self._answer(speech, text, timing))
+
+    # --- barge-in -----------------------------------------------------------------------
+
+    def _agent_audible(self) -> bool:
+        speech = self._speech
+        if speech is None or self._paused:
+            return False
+        return self._play_end > self.clock() or speech.sent < len(speech.audio)
+
+    def _played_bytes(self, speech: Speech) -> int:
+        unplayed = max(0.0, self._play_end - self.clock()) * SAMPLE_RATE
+        return max(int(speech.sent - unplayed), 0)
+
+    def _pause_for_barge_in(self, event: VADSpeechStart) -> None:
+        speech = self._speech
+        assert speech is not None
+        played = self._played_bytes(speech)
+        self._send_clear()
+        speech.sent = played  # rewind: the unplayed part is sent again if we resume
+        self._play_end = self.clock()
+        self._paused = True
+        now = self.clock()
+        onset_clock = self._audio_to_clock(event.onset) or now
+        self._barge_in = BargeIn(
+            onset_audio=event.onset,
+            detected_at=event.detected_at,
+            cleared_at=now,
+            speech=speech,
+            heard=speech.heard_text(played),
+            played_bytes=played,
+        )
+        latency = max(now - onset_clock, 0.0)
+        self.deps.metrics.barge_in_latency.observe(latency)
+        self._event("barge_in", onset_s=round(event.onset, 3), latency_ms=round(latency * 1000, 1))
+
+    def _send_clear(self) -> None:
+        self._generation += 1
+        self._spawn(self._send(json.dumps({"event": "clear", "streamSid": self.stream_sid})))
+
+    def _confirm_barge_in(self) -> None:
+        barge_in = self._barge_in
+        assert barge_in is not None
+        self._barge_in = None
+        self._paused = False
+        self.deps.metrics.barge_ins.labels("interrupted").inc()
+        if barge_in.speech is self._speech:
+            self._interrupt_current("barge-in", heard=barge_in.heard)
+
+    def _resume_after_barge_in(self, why: str) -> None:
+        barge_in = self._barge_in
+        self._barge_in = None
+        self._paused = False
+        self.deps.metrics.barge_ins.labels("resumed").inc()
+        if barge_in is not None:
+            self._event("barge_in_resumed", reason=why)
+        self._wake_pacer.set()
+
+    def _interrupt_current(self, why: str, heard: str | None = None) -> None:
+        """Cancel the current answer; history keeps exactly what the caller heard."""
+        speech = self._speech
+        if speech is None:
+            return
+        if heard is None:
+            if self._agent_audible():
+                self._send_clear()
+            heard = speech.heard_text(self._played_bytes(speech))
+        speech.cancelled = True
+        if self._producer is not None:
+            self._producer.cancel()
+        self._close_speech(speech, heard, interrupted=True)
+        self._event("interrupted", reason=why)
+
+    def _close_speech(self, speech: Speech, text: str, *, interrupted: bool) -> None:
+        if self._speech is not speech:
+            return
+        self._speech = None
+        self._play_end = min(self._play_end, self.clock()) if interrupted else self._play_end
+        speech.end_at = self.clock()
+        speech.played.set()
+        self._last_activity = self.clock()
+        if text:
+            self.history.append({"role": "assistant", "content": text})
+        if text or interrupted:
+            self._write(
+                "turn",
+                {
+                    "role": "assistant",
+                    "text": text,
+                    "start_s": round((speech.first_media_at or speech.end_at) - self.started_at, 3),
+                    "end_s": round(speech.end_at - self.started_at, 3),
+                    "interrupted": interrupted,
+                    "tool_calls": speech.tool_calls,
+                    **speech.latency,
+                },
+            )
+
+    def _record_unfinished_speech(self) -> None:
+        speech = self._speech
+        if speech is not None:
+            heard = speech.heard_text(self._played_bytes(speech))
+            self._close_speech(speech, heard, interrupted=heard != speech.full_text())
+
+    # --- speaking -----------------------------------------------------------------------
+
+    def _start_speech(
+        self, kind: str, texts: Callable[[Speech], AsyncIterator[str]] | str
+    ) -> Speech:
+        self._speech_ids += 1
+        speech = Speech(id=self._speech_ids, kind=kind)
+        self._speech = speech
+        self._paused = False
+        chunks = self._say(texts) if isinstance(texts, str) else texts(speech)
+        assert self._tg is not None
+        self._producer = self._tg.create_task(self._produce(speech, chunks), name=kind)
+        return speech
+
+    async def _produce(self, speech: Speech, chunks: AsyncIterator[str]) -> None:
+        """Synthesise each text chunk into `speech`; mark the end of each chunk."""
+        try:
+            async with aclosing(chunks) as texts:  # type: ignore[type-var]
+                async for text in texts:
+                    await self._synthesise(speech, text)
+        finally:
+            speech.producer_done = True
+            self._wake_pacer.set()
+        await self._wait_played(speech)
+        if self._speech is speech:
+            self._close_speech(speech, speech.full_text(), interrupted=False)
+        await self._after_speech()
+
+    async def _synthesise(self, speech: Speech, text: str) -> None:
+        chunk = Chunk(text=text, start=len(speech.audio))
+        speech.chunks.append(chunk)
+        try:
+            async with aclosing(self.deps.tts.synthesize(text, voice=self.config.voice)) as audio:
+                async for piece in audio:
+                    await self._append_audio(speech, piece)
+        except TTSError:
+            self.deps.metrics.provider_errors.labels("tts").inc()
+            log.warning("call %s: TTS failed, speaking the fallback", self.config.call_id)
+            if not await self._append_fallback_audio(speech):
+                chunk.text = ""
+        chunk.end = len(speech.audio)
+        chunk.mark = f"s{speech.id}c{len(speech.chunks)}"
+        self._wake_pacer.set()
+
+    async def _append_audio(self, speech: Speech, piece: bytes) -> None:
+        if speech.first_audio_at is None:
+            speech.first_audio_at = self.clock()
+        while len(speech.audio) - speech.sent > MAX_UNSENT_BYTES:
+            self._sent_more.clear()
+            await self._sent_more.wait()
+        speech.audio += piece
+        self._wake_pacer.set()
+
+    async def _append_fallback_audio(self, speech: Speech) -> bool:
+        """TTS is failing: try once more with the short fallback line."""
+        try:
+            async with aclosing(
+                self.deps.tts.synthesize(self.config.fallback_line, voice=self.config.voice)
+            ) as audio:
+                async for piece in audio:
+                    await self._append_audio(speech, piece)
+            speech.chunks[-1].text = self.config.fallback_line
+            return True
+        except TTSError:
+            return False
+
+    async def _wait_played(self, speech: Speech) -> None:
+        """Until the caller has heard all of it (marks), with a clock-based safety net."""
+        while not speech.cancelled:
+            if all(c.acked for c in speech.chunks) and speech.sent >= len(speech.audio):
+                return
+            deadline = max(self._play_end - self.clock(), 0) + 1.0
+            waiter = asyncio.ensure_future(speech.played.wait())
+            try:
+                await asyncio.wait_for(waiter, timeout=deadline)
+            except TimeoutError:
+                if not self._paused and speech.sent >= len(speech.audio):
+                    return
+            if speech.played.is_set():
+                return
+
+    async def _say(self, text: str) -> AsyncIterator[str]:
+        yield text
+
+    async def _pacer_loop(self) -> None:
+        while True:
+            await self._wake_pacer.wait()
+            speech = self._speech
+            if speech is None or self._paused or not self._has_sendable(speech):
+                self._wake_pacer.clear()
+                continue
+            lead = self._play_end - self.clock()
+            if lead > LEAD_S:
+                await asyncio.sleep(lead - LEAD_S)
+                continue
+            await self._send_frame(speech)
+
+    def _has_sendable(self, speech: Speech) -> bool:
+        if speech.sent < len(speech.audio):
+            return True
+        return any(c.end is not None and not c.mark_sent for c in speech.chunks)
+
+    async def _send_frame(self, speech: Speech) -> None:
+        complete = speech.complete_bytes()
+        available = len(speech.audio) - speech.sent
+        size = min(FRAME_BYTES, available)
+        if 0 < size < FRAME_BYTES and speech.sent + size > complete:
+            # a partial frame only at the end of a chunk; otherwise wait for more audio
+            self._wake_pacer.clear()
+            return
+        if size > 0:
+            payload = speech.audio[speech.sent : speech.sent + size]
+            speech.sent += size
+            self._sent_more.set()
+            now = self.clock()
+            self._play_end = max(self._play_end, now) + size / SAMPLE_RATE
+            if speech.first_media_at is None:
+                speech.first_media_at = now
+                self._first_media(speech)
+            await self._send(self._media_prefix + base64.b64encode(payload).decode() + '"}}')
+        for chunk in speech.chunks:
+            if chunk.end is not None and not chunk.mark_sent and speech.sent >= chunk.end:
+                chunk.mark_sent = True
+                await self._send(
+                    json.dumps(
+                        {
+                            "event": "mark",
+                            "streamSid": self.stream_sid,
+                            "mark": {"name": f"{chunk.mark}.{self._generation}"},
+                        }
+                    )
+                )
+
+    def _on_mark(self, message: dict[str, Any]) -> None:
+        name = str((message.get("mark") or {}).get("name", ""))
+        mark, _, generation = name.rpartition(".")
+        speech = self._speech
+        if speech is None or generation != str(self._generation):
+            return  # a mark returned by a clear: its audio was discarded, not heard
+        for chunk in speech.chunks:
+            if chunk.mark == mark:
+                chunk.acked = True
+        if speech.producer_done and all(c.acked for c in speech.chunks):
+            speech.played.set()
+
+    async def _send(self, text: str) -> None:
+        try:
+            await self.transport.send_text(text)
+        except Exception:
+            raise _CallEnded(self._hangup_reason()) from None
+
+    def _spawn(self, coro: Any) -> None:
+        assert self._tg is not None
+        self._tg.create_task(coro)
+
+    def _first_media(self, speech: Speech) -> None:
+        timing = speech.timing
+        if timing is None:
+            return
+        speech.latency["first_media_ms"] = timing.ms(speech.first_media_at)
+        speech.latency["tts_first_audio_ms"] = timing.ms(speech.first_audio_at)
+        self._observe("first_media", speech.latency["first_media_ms"])
+        self._observe("tts_first_audio", speech.latency["tts_first_audio_ms"])
+
+    def _observe(self, stage: str, ms: float | None) -> None:
+        self.deps.metrics.observe_turn(stage, None if ms is None else ms / 1000)
+
+    # --- answering ----------------------------------------------------------------------
+
+    async def _answer(self, speech: Speech, text: str, timing: TurnTiming) -> AsyncIterator[str]:
+        speech.timing = timing
+        speech.latency["stt_final_ms"] = timing.ms(timing.final_at)
+        messages = await self._messages_for(text, timing)
+        speech.latency["retrieval_ms"] = timing.retrieval_ms
+        tools = self.deps.tools.schemas(self.config) if self.deps.tools else []
+        for _round in range(4):  # tool rounds
+            calls: list[ToolCall] = []
+            chunker = SentenceChunker()
+            try:
+                async with aclosing(
+                    self.deps.llm.stream_chat(
+                        messages,
+                        model=self.config.llm_model,
+                        temperature=self.config.temperature,
+                        tools=tools or None,
+                    )
+                ) as deltas:
+                    async for delta in deltas:
+                        if timing.llm_first_token_at is None:
+                            timing.llm_first_token_at = self.clock()
+                            first_token_ms = timing.ms(timing.llm_first_token_at)
+                            speech.latency["llm_first_token_ms"] = first_token_ms
+                            self._observe("llm_first_token", first_token_ms)
+                        calls.extend(delta.tool_calls)
+                        for chunk in chunker.push(delta.text):
+                            yield chunk
+                self._llm_failures = 0
+            except LLMError as exc:
+                async for line in self._llm_failed(exc):
+                    yield line
+                return
+            if rest := chunker.flush():
+                yield rest
+            if not calls:
+                return
+            outcome_lines = await self._run_tools(speech, calls, messages)
+            for line in outcome_lines:
+                yield line
+            if self._pending_action is not None:
+                return
+
+    async def _llm_failed(self, exc: ProviderError) -> AsyncIterator[str]:
+        self._llm_failures += 1
+        self.deps.metrics.provider_errors.labels("llm").inc()
+        log.warning("call %s: LLM failed (%s)", self.config.call_id, type(exc).__name__)
+        self._event("provider_error", provider="llm", error=type(exc).__name__)
+        if self._llm_failures >= MAX_CONSECUTIVE_LLM_FAILURES:
+            self._pending_action = ToolOutcome(result=None, action="end_call")
+            self._final_reason = "error"
+            yield "I'm sorry, I'm having technical trouble. Please call back later. Goodbye."
+            return
+        yield self.config.fallback_line
+
+    async def _messages_for(self, text: str, timing: TurnTiming) -> list[Message]:
+        messages = list(self.history)
+        retriever = self.deps.retriever
+        if retriever is None:
+            return messages
+        started = self.clock()
+        try:
+            context = await retriever.context_for(self.config.agent_id, text)
+        except Exception:
+            log.exception("call %s: knowledge retrieval failed", self.config.call_id)
+            context = ""
+        timing.retrieval_ms = round((self.clock() - started) * 1000, 2)
+        self.deps.metrics.observe_turn("retrieval", timing.retrieval_ms / 1000)
+        if context:
+            messages.insert(len(messages) - 1, {"role": "system", "content": context})
+        return messages
+
+    async def _run_tools(
+        self, speech: Speech, calls: list[ToolCall], messages: list[Message]
+    ) -> list[str]:
+        """Run tool calls to completion even if the answer is interrupted (a started side
+        effect is never abandoned); the results stay in history."""
+        runner = self.deps.tools
+        request = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+        speech.tool_calls.extend(request)
+        results: list[Message] = []
+        lines: list[str] = []
+        if runner is None:
+            return lines
+        assistant = {"role": "assistant", "content": "", "tool_calls": request}
+        messages.append(assistant)
+        for call in calls:
+            ctx = ToolContext(self.config, self.call_sid, _idempotency_key(self.config, call))
+            task = asyncio.ensure_future(runner.run(call, ctx))
+            done, _ = await asyncio.wait({task}, timeout=TOOL_FILLER_AFTER_S)
+            if not done:
+                filler = runner.filler_for(self.config, call.name) or DEFAULT_FILLER
+                await self._synthesise(speech, filler)
+            outcome = await asyncio.shield(task)
+            content = (
+                outcome.result
+                if isinstance(outcome.result, str)
+                else json.dumps(outcome.result, default=str)
+            )
+            result_message = {"role": "tool", "tool_name": call.name, "content": content}
+            results.append(result_message)
+            self._event("tool_called", name=call.name, action=outcome.action)
+            if outcome.action is not None:
+                self._pending_action = outcome
+                if outcome.say:
+                    lines.append(outcome.say)
+        messages.extend(results)
+        # the call's own history keeps the calls and results whether or not speech continues
+        self.history.extend([assistant, *results])
+        return lines
+
+    async def _after_speech(self) -> None:
+        """Once the caller heard the last words: act on end-call phrases and tool actions."""
+        action = self._pending_action
+        if action is None and self._said_end_phrase():
+            action = ToolOutcome(result=None, action="end_call")
+        if action is None:
+            return
+        self._pending_action = None
+        if action.action == "transfer" and action.transfer_to:
+            self._event("transfer")
+            self._write("fields", {"transferred_to": action.transfer_to})
+            with contextlib.suppress(Exception):
+                await self.deps.control.transfer(
+                    self.call_sid, number=action.transfer_to, caller_id=self.config.agent_number
+                )
+            self._ending = True
+            raise _CallEnded("transferred")
+        await self._hang_up(self._final_reason or "assistant-ended-call")
+
+    def _said_end_phrase(self) -> bool:
+        last = next((m for m in reversed(self.history) if m["role"] == "assistant"), None)
+        if not last or not self.config.end_call_phrases:
+            return False
+        spoken = " ".join(words_of(str(last.get("content", ""))))
+        return any(" ".join(words_of(phrase)) in spoken for phrase in self.config.end_call_phrases)
+
+    async def _hang_up(self, reason: str) -> None:
+        self._ending = True
+        self.ended_reason = reason
+        with contextlib.suppress(Exception):
+            await self.deps.control.hang_up(self.call_sid)
+        with contextlib.suppress(Exception):
+            await self.transport.close(1000)
+        raise _CallEnded(reason)
+
+    async def _finish_with(self, line: str, reason: str) -> None:
+        """Say `line`, let it play, then hang up with `reason`."""
+        if self._ending:
+            return
+        self._interrupt_current("ending")
+        self._final_reason = reason
+        self._pending_action = ToolOutcome(result=None, action="end_call")
+        self._start_speech("goodbye", line)
+        self._ending = True
+
+    # --- timers -------------------------------------------------------------------------
+
+    async def _watchdog_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            now = self.clock()
+            if not self._ending and now - self.started_at >= self.config.max_call_seconds:
+                await self._finish_with(MAX_DURATION_GOODBYE, "max-duration")
+            self._resolve_stale_barge_in(now)
+            self._flush_dtmf(now)
+            self._check_silence(now)
+
+    def _resolve_stale_barge_in(self, now: float) -> None:
+        barge_in = self._barge_in
+        if barge_in is None or self._vad.is_speaking:
+            return
+        ended = barge_in.vad_ended_at
+        stale = ended is not None and now - ended > BARGE_IN_RESOLVE_S
+        if stale and not self._finals and not self._interim:
+            self._resume_after_barge_in("no-transcript")
+
+    def _flush_dtmf(self, now: float) -> None:
+        if not self._dtmf or (now - self._dtmf_at < 1.5 and self._dtmf[-1] != "#"):
+            return
+        digits = "".join(self._dtmf).rstrip("#")
+        self._dtmf = []
+        if self._producer is not None and not self._producer.done():
+            self._interrupt_current("dtmf")
+        text = f"(The caller pressed the keypad: {digits})"
+        self._user_turn(text, TurnTiming(eos_at=now, final_at=now), self.call_time(), None)
+
+    def _check_silence(self, now: float) -> None:
+        busy = (
+            self._speech is not None
+            or self._vad.is_speaking
+            or self._finals
+            or self._barge_in is not None
+            or self._ending
+        )
+        if busy or now - self._last_activity < self.config.silence_timeout_s:
+            return
+        self._last_activity = now
+        if not self._reprompted:
+            self._reprompted = True
+            self._event("silence_reprompt")
+            self._start_speech("reprompt", REPROMPT_LINE)
+            return
+        self._spawn(self._finish_with(SILENCE_GOODBYE, "silence-timeout"))
+
+
+def _idempotency_key(config: AgentConfig, call: ToolCall) -> str:
+    arguments = json.dumps(call.arguments, sort_keys=True, default=str)
+    return f"{config.call_id}:{call.name}:{arguments}"
+
+
+# --- the stream handler -----------------------------------------------------------------
+
 
 class CallManager:
-    def __init__(self, store: SqlCallStore) -> None:
-        self.store = store
-        self.active: dict[str, Any] = {}
+    """Accepts Media Streams: handshake, load the call, run its session."""
 
-    async def handle(self, websocket: WebSocket) -> None:
-        call_id = ""
-        reason = "customer-ended-call"
+    def __init__(self, deps: PipelineDeps) -> None:
+        self.deps = deps
+        self.active: dict[str, CallSession] = {}
+
+    async def handle(self, transport: MediaTransport) -> None:
+        start = await self._handshake(transport)
+        if start is None:
+            await transport.close(1008)
+            return
+        params = start.get("customParameters") or {}
+        call_id = str(params.get("call_id", "")) if isinstance(params, dict) else ""
+        config = await self.deps.store.load_config(call_id) if call_id else None
+        if config is None:
+            log.warning("media stream for unknown call %r refused", call_id[:40])
+            await transport.close(1008)
+            return
+        session = CallSession(
+            config,
+            transport,
+            self.deps,
+            stream_sid=str(start.get("streamSid", "")),
+            call_sid=str(start.get("callSid", "")),
+        )
+        self.active[call_id] = session
         try:
-            while True:
-                message = json.loads(await websocket.receive_text())
-                event = message.get("event")
-                if event == "start":
-                    start = message.get("start", {})
-                    call_id = start.get("customParameters", {}).get("call_id", "")
-                    await self.store.stream_started(
-                        call_id,
-                        stream_sid=start.get("streamSid", ""),
-                        call_sid=start.get("callSid", ""),
-                    )
-                elif event == "stop":
-                    break
-        except WebSocketDisconnect:
-            pass
-        if call_id:
-            await self.store.finish(call_id, ended_reason=reason)
+            await session.run()
+        finally:
+            self.active.pop(call_id, None)
+            with contextlib.suppress(Exception):
+                await transport.close(1000)
+
+    async def _handshake(self, transport: MediaTransport) -> dict[str, Any] | None:
+        """Read until `start`; `connected` and early frames are skipped."""
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                while (text := await transport.receive_text()) is not None:
+                    try:
+                        message = json.loads(text) if len(text) <= MAX_MESSAGE_CHARS else None
+                    except ValueError:
+                        message = None
+                    if isinstance(message, dict) and message.get("event") == "start":
+                        start = message.get("start")
+                        return start if isinstance(start, dict) else None
+                    if isinstance(message, dict) and message.get("event") == "stop":
+                        return None
+        except TimeoutError:
+            log.warning("media stream sent no start within %ss", HANDSHAKE_TIMEOUT_S)
+        return None

@@ -1,0 +1,57 @@
+"""Prometheus metrics for live calls, one registry per app (so tests and several apps in one
+process never collide). The pipeline records; `/metrics` exposes.
+
+Must not import FastAPI, SQLAlchemy or vendor SDKs.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.4, 0.6, 0.8, 1, 1.5, 2, 3, 5, 10)
+
+
+class PipelineMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.calls_started = Counter("aisdr_calls_started", "Media streams started", registry=r)
+        self.calls_active = Gauge("aisdr_calls_active", "Calls with a live stream", registry=r)
+        self.calls_ended = Counter(
+            "aisdr_calls_ended", "Calls ended, by reason", ["reason"], registry=r
+        )
+        self.turn_latency = Histogram(
+            "aisdr_turn_latency_seconds",
+            "Latency from the caller's end of speech, by stage",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.barge_in_latency = Histogram(
+            "aisdr_barge_in_seconds",
+            "Caller speech onset to Twilio clear",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.barge_ins = Counter(
+            "aisdr_barge_ins",
+            "Agent speech paused by caller speech, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.provider_errors = Counter(
+            "aisdr_provider_errors", "Provider failures during calls", ["provider"], registry=r
+        )
+        self.inbound_frames_dropped = Counter(
+            "aisdr_inbound_frames_dropped", "Inbound frames dropped by full queues", registry=r
+        )
+        self.malformed_messages = Counter(
+            "aisdr_malformed_messages", "Media stream messages that could not be used", registry=r
+        )
+
+    def observe_turn(self, stage: str, seconds: float | None) -> None:
+        if seconds is not None:
+            self.turn_latency.labels(stage).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
