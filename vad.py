@@ -10,26 +10,36 @@ Must not import FastAPI, SQLAlchemy, vendor SDKs or torch (onnxruntime + numpy o
 
 Pieces::
 
-    SileroModel   one InferenceSession per process, run on B windows and B states at once
-    VADBatcher    per event loop: gathers the windows of all calls submitted in one loop turn
-                  (and while a batch is running) into one inference, run off the event loop
+    SileroModel   one InferenceSession per process (1 thread), run on B windows and B
+                  recurrent states at once
+    VADBatcher    per event loop: gathers the windows all calls submit within `max_wait_ms`
+                  into one inference, run on the model's worker thread
     VADStream     per call: frames -> 256-sample windows -> probabilities -> VADEvents
 
 The model at 8 kHz takes 256-sample windows (32 ms), each prefixed by the last 32 samples
-of the previous window as context, plus a recurrent state of shape (2, B, 128).
+of the previous window as context, plus a recurrent state of shape (2, B, 128). Calls share
+nothing but the model and the batcher: each stream owns its buffer and its state row.
 
 Energy pre-gate: while a stream is idle (not speaking, no onset pending), a window whose
 RMS is below `energy_gate_dbfs` skips the model, counts as probability 0, and resets the
 recurrent state to zeros. Zero is the state the model starts every stream from, so speech
 after a gated stretch is scored like the start of a stream, whatever the length of the
-silence. Once an onset is pending or speech is confirmed, every window goes to the model,
-so the end of speech is the model's own decision, not the gate's.
+silence (measured: onsets land on the same window as without the gate). Once an onset is
+pending or speech is confirmed, every window goes to the model, so the end of speech is the
+model's own decision, not the gate's.
 
-Latency from caller speech onset to the start event, in audio time: up to one window
-(32 ms) to fill the window that holds the onset, then `min_speech_ms` rounded up to whole
-windows (60 ms -> 2 windows = 64 ms; the first of them is the onset window), plus the
-model's own reaction (usually 0-1 window). In wall time add the batch wait (at most one
-event-loop turn plus any batch already running: about 25 us per window of that batch).
+Latency budget from caller speech onset to the start event:
+
+    up to 32 ms     filling the window that holds the onset
+    + 64 ms         min_speech_ms=60 rounded up to whole windows (onset window included)
+    + 0-96 ms       the model's reaction: 0-1 window on voiced onsets, up to 3 on a soft
+                    "h" or "s"
+    + < 20 ms       the rest of the 20 ms frame that completes the deciding window
+    + <= 5 ms       batch wait (`max_wait_ms`), plus about 0.5 ms to run a batch of 20
+
+Measured with espeak-ng speech (audio time, before the batch wait): 52-112 ms after the
+first sample for voiced onsets ("yeah", "okay", "uh-huh"), 96-200 ms for "Hello?", "Sorry",
+"Stop.".
 """
 
 from __future__ import annotations
@@ -169,6 +179,7 @@ class _Request:
     window: np.ndarray
     state: np.ndarray
     future: asyncio.Future[float]
+    submitted: float
 
 
 @dataclass(slots=True)
@@ -181,10 +192,16 @@ class BatchStats:
 class VADBatcher:
     """Runs the windows of all calls on one event loop as few batched inferences.
 
-    A submitted window waits for the next loop turn, so every call that submits in the same
-    turn shares the inference; windows submitted while a batch runs form the next batch.
-    With `offload` the batch runs on the model's worker thread and the loop stays free;
-    without it the batch runs inline in the loop callback.
+    A batch runs when its oldest window has waited `max_wait_ms` (0: the next loop turn),
+    or at once when it holds `max_batch` windows; windows submitted while a batch runs go
+    into the next one. With `offload` the batch runs on the model's worker thread, so the
+    event loop only pays for the hand-off; otherwise it runs inline in a loop callback.
+    An inference error fails every window of its batch.
+
+    Defaults from bench/vad_bench.py (100 paced calls, 2 cores): batches of one cost about
+    65 us a window and batches of 20 about 25 us; waiting 5 ms gathers about 20 windows and
+    roughly halves the VAD's CPU, and offloading moves close to half of what is left off
+    the event loop thread, which is the resource that limits calls per process.
     """
 
     def __init__(
@@ -192,14 +209,16 @@ class VADBatcher:
         model: SileroModel | None = None,
         *,
         offload: bool = True,
+        max_wait_ms: float = 5.0,
         max_batch: int = 256,
     ) -> None:
         self.model = model or SileroModel.load()
         self.offload = offload
+        self.max_wait = max_wait_ms / 1000
         self.max_batch = max_batch
         self.stats = BatchStats()
         self._pending: list[_Request] = []
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.Handle | None = None
         self._running = False
 
     async def infer(self, window: np.ndarray, state: np.ndarray) -> float:
@@ -208,14 +227,25 @@ class VADBatcher:
         is not applied to the state."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[float] = loop.create_future()
-        self._pending.append(_Request(window, state, future))
+        self._pending.append(_Request(window, state, future, loop.time()))
         self._schedule(loop)
         return await future
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._flush_scheduled and not self._running:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush, loop)
+        """One batch at a time. The next one runs when its oldest window has waited
+        `max_wait`, or at once when it is full."""
+        if self._running:
+            return
+        full = len(self._pending) >= self.max_batch
+        if self._flush_handle is not None:
+            if not full:
+                return
+            self._flush_handle.cancel()
+        delay = 0.0 if full else self._pending[0].submitted + self.max_wait - loop.time()
+        if delay <= 0:
+            self._flush_handle = loop.call_soon(self._flush, loop)
+        else:
+            self._flush_handle = loop.call_later(delay, self._flush, loop)
 
     def _take_batch(self) -> list[_Request]:
         live = [r for r in self._pending if not r.future.done()]
@@ -223,25 +253,29 @@ class VADBatcher:
         return batch
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._flush_scheduled = False
+        self._flush_handle = None
         batch = self._take_batch()
         if not batch:
             return
-        windows = np.stack([r.window for r in batch])
-        states = np.stack([r.state for r in batch], axis=1)
         self._count(len(batch))
         if self.offload:
             self._running = True
-            job = loop.run_in_executor(self.model.executor, self.model.infer, windows, states)
+            job = loop.run_in_executor(self.model.executor, self._run, batch)
             job.add_done_callback(functools.partial(self._on_batch_done, loop, batch))
             return
         try:
-            outcome: _Outcome = self.model.infer(windows, states)
+            outcome: _Outcome = self._run(batch)
         except Exception as exc:
             outcome = exc
         self._resolve(batch, outcome)
         if self._pending:
             self._schedule(loop)
+
+    def _run(self, batch: list[_Request]) -> tuple[np.ndarray, np.ndarray]:
+        """Safe off the loop: a caller leaves its window and state alone while it waits."""
+        windows = np.stack([r.window for r in batch])
+        states = np.stack([r.state for r in batch], axis=1)
+        return self.model.infer(windows, states)
 
     def _on_batch_done(
         self, loop: asyncio.AbstractEventLoop, batch: list[_Request], job: asyncio.Future

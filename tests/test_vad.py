@@ -23,6 +23,7 @@ from vad import (
     VADSpeechStart,
     VADStream,
     default_model_path,
+    shared_batcher,
 )
 
 DEMO = "Hi, I would like to book a demo next Tuesday"
@@ -38,7 +39,8 @@ def silero() -> SileroModel:
 
 @pytest.fixture(params=[True, False], ids=["offload", "inline"])
 def batcher(request, silero) -> VADBatcher:
-    return VADBatcher(silero, offload=request.param)
+    """No batch wait: these streams run faster than real time, one at a time."""
+    return VADBatcher(silero, offload=request.param, max_wait_ms=0)
 
 
 @pytest.fixture(scope="session")
@@ -191,12 +193,19 @@ def caller_audio() -> list[bytes]:
     return [audio + silence((longest - len(audio)) / 8000 + 0.5) for audio in scripts]
 
 
-async def test_batched_streams_equal_the_same_streams_run_alone(silero, batcher):
+@pytest.mark.parametrize(
+    ("max_wait_ms", "max_batch"), [(0, 256), (2, 256), (0, 4)], ids=["next-turn", "2ms", "max4"]
+)
+async def test_batched_streams_equal_the_same_streams_run_alone(
+    silero, batcher, max_wait_ms, max_batch
+):
     scripts = [frames(audio) for audio in caller_audio()]
     alone = [await run_with_probabilities(VADStream(batcher), b"".join(s)) for s in scripts]
     assert batcher.stats.max_batch == 1
 
-    together = VADBatcher(silero, offload=batcher.offload)
+    together = VADBatcher(
+        silero, offload=batcher.offload, max_wait_ms=max_wait_ms, max_batch=max_batch
+    )
     streams = [VADStream(together) for _ in scripts]
     events: list[list[VADEvent]] = [[] for _ in scripts]
     probabilities: list[list[float]] = [[] for _ in scripts]
@@ -206,7 +215,7 @@ async def test_batched_streams_equal_the_same_streams_run_alone(silero, batcher)
             events[i] += results[i]
             probabilities[i].append(stream.last_probability)
 
-    assert together.stats.max_batch >= 4
+    assert together.stats.max_batch == min(max_batch, 5)  # the silent caller is gated
     assert sum(bool(e) for e in events) == len(scripts) - 1  # all but the silent caller
     for i, (alone_events, alone_probabilities) in enumerate(alone):
         assert kinds(events[i]) == kinds(alone_events)
@@ -228,6 +237,22 @@ async def test_a_cancelled_process_call_leaves_the_stream_usable(batcher, demo):
             with pytest.raises(asyncio.CancelledError):
                 await call
         events += await stream.process(frame)
+    assert kinds(events) == ["VADSpeechStart", "VADSpeechEnd"]
+
+
+async def test_a_stream_without_a_batcher_uses_the_loops_shared_one():
+    stream = VADStream()
+    events = await run(stream, silence(0.5) + synth_speech("okay") + silence(0.5))
+    assert kinds(events) == ["VADSpeechStart", "VADSpeechEnd"]
+    assert shared_batcher().stats.windows == stream.inferences > 0
+
+
+async def test_an_inference_error_reaches_the_caller_and_the_batcher_recovers(batcher):
+    state = np.zeros((2, 128), dtype=np.float32)
+    with pytest.raises(Exception, match="data type"):
+        await batcher.infer(np.zeros(288, dtype=np.float64), state)
+    assert np.all(state == 0)
+    events = await run(VADStream(batcher), silence(0.5) + synth_speech("okay") + silence(0.5))
     assert kinds(events) == ["VADSpeechStart", "VADSpeechEnd"]
 
 
