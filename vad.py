@@ -135,8 +135,7 @@ class SileroModel:
         )
         self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
         self._executor: ThreadPoolExecutor | None = None
-        self.windows = 0
-        self.batches = 0
+        self._executor_lock = threading.Lock()
 
     @classmethod
     def load(cls) -> SileroModel:
@@ -155,14 +154,12 @@ class SileroModel:
         probs, next_states = self._session.run(
             None, {"input": windows, "state": states, "sr": self._sr}
         )
-        self.windows += windows.shape[0]
-        self.batches += 1
         return probs[:, 0], next_states
 
     @property
     def executor(self) -> ThreadPoolExecutor:
         """One worker thread for inference off the event loop; onnxruntime releases the GIL."""
-        with self._lock:
+        with self._executor_lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="silero-vad")
             return self._executor

@@ -175,7 +175,9 @@ async def test_frames_of_any_length_give_the_same_timeline(batcher, demo):
     at_once += await stream.process(audio[4321:])
 
     assert [(type(e), e.onset) for e in at_once] == [(type(e), e.onset) for e in by_frame]
-    assert at_once[-1].end == by_frame[-1].end
+    assert [e.end for e in at_once if isinstance(e, VADSpeechEnd)] == [
+        e.end for e in by_frame if isinstance(e, VADSpeechEnd)
+    ]
 
 
 def caller_audio() -> list[bytes]:
