@@ -111,7 +111,7 @@ def embed(texts: Sequence[str], *, model_path: str | None = None) -> np.ndarray:
     with loaded.lock:
         vectors = loaded.model.encode(
             list(texts),
-            batch_size=64,
+            batch_size=32,  # CPU throughput is flat from 16 to 64 here
             convert_to_numpy=True,
             normalize_embeddings=True,
             show_progress_bar=False,

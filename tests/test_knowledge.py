@@ -460,7 +460,7 @@ async def test_reopened_store_searches_through_the_registered_function(
         result = collection.query(query_texts=["Where is our data hosted?"], n_results=1)
         assert "Frankfurt" in result["documents"][0][0]  # type: ignore[index]
     finally:
-        client.close()
+        client.close()  # type: ignore[attr-defined]  # on Client, not on the ClientAPI type
 
 
 async def test_healthy(kb: KnowledgeBase) -> None:
