@@ -134,14 +134,18 @@ class ThreadedServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Close open connections (WebSockets get close code 1012, streaming HTTP responses
         are dropped), stop the server and join its thread."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def request_stop(self) -> None:
+        """Begin stopping without waiting (see `stop_all`)."""
         if not self.running or self._server is None:
             return
         if self.loop is not None and self._closing is not None:
             with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self._closing.set)
         self._server.should_exit = True
-        assert self._thread is not None
-        self._thread.join(timeout)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -171,6 +175,14 @@ class ThreadedServer:
         """Set (on the server loop) when stop() begins."""
         assert self._closing is not None
         return self._closing
+
+
+def stop_all(servers: list[ThreadedServer], timeout: float = 10.0) -> None:
+    """Stop several servers in parallel."""
+    for server in servers:
+        server.request_stop()
+    for server in servers:
+        server.stop(timeout)
 
 
 # --- connection-level helpers ---------------------------------------------------------------
