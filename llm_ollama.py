@@ -73,7 +73,7 @@ class OllamaLLM:
         model: str,
         temperature: float,
         tools: list[dict[str, Any]] | None = None,
-    ) -> AsyncIterator[LLMDelta]:
+    ) -> AsyncGenerator[LLMDelta, None]:
         """Deltas with text and/or whole tool calls; the last one has `done=True`."""
         # With stream=True the await only builds the generator; the request starts at the
         # first iteration, so errors surface from `_next` below.

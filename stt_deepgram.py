@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,7 +186,7 @@ class DeepgramStream:
         self._finalize_due = True
         await self._flush(wait=True)
 
-    async def events(self) -> AsyncIterator[STTEvent]:
+    async def events(self) -> AsyncGenerator[STTEvent, None]:
         while True:
             item = await self._events.get()
             if isinstance(item, _End | STTError):

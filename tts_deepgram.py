@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import cast
 
 import httpx
@@ -41,7 +41,7 @@ class DeepgramTTS:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def synthesize(self, text: str, *, voice: str) -> AsyncIterator[bytes]:
+    async def synthesize(self, text: str, *, voice: str) -> AsyncGenerator[bytes, None]:
         if not text.strip():
             return
         for attempt in range(self._retries + 1):

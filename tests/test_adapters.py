@@ -1,0 +1,569 @@
+"""Vendor adapters against the wire emulators, with the real deepgram-sdk and ollama clients.
+
+Times asserted are audio time (bytes sent / 8000), never wall-clock speed. "Speech" is a
+numpy tone burst: the Deepgram emulator segments by energy and gives each utterance the
+next line of its script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from config import Settings
+from emulators.base import async_wait_until
+from emulators.deepgram import DeepgramEmulator, expected_tts_bytes
+from emulators.ollama import OllamaEmulator, Reply
+from llm_ollama import OllamaLLM
+from providers import (
+    LLMDelta,
+    LLMError,
+    LLMModelNotFound,
+    LLMTimeout,
+    LLMUnavailable,
+    SpeechStarted,
+    STTError,
+    STTEvent,
+    ToolCall,
+    Transcript,
+    TTSError,
+    UtteranceEnd,
+)
+from stt_deepgram import DeepgramStream, DeepgramSTT, StreamPolicy
+from tests.conftest import make_settings
+from tts_deepgram import DeepgramTTS
+from utils import mulaw_encode
+
+DG_KEY = "dg-test-key"
+FRAME = 160
+"""Twilio's 20 ms mu-law frame."""
+PACE_S = 0.005
+"""Wall-clock gap between 20 ms frames: audio flows at 4x real time."""
+TIME_TOLERANCE = 0.05
+
+
+# --- audio -----------------------------------------------------------------------------------
+
+
+def tone(seconds: float, freq: float = 440.0, level: float = 0.3) -> bytes:
+    t = np.arange(int(seconds * 8000)) / 8000
+    return mulaw_encode(np.round(level * 32767 * np.sin(2 * np.pi * freq * t)).astype(np.int16))
+
+
+def silence(seconds: float) -> bytes:
+    return mulaw_encode(np.zeros(int(seconds * 8000), dtype=np.int16))
+
+
+async def stream_audio(stream: DeepgramStream, audio: bytes, pace_s: float = PACE_S) -> None:
+    for i in range(0, len(audio), FRAME):
+        await stream.send_audio(audio[i : i + FRAME])
+        await asyncio.sleep(pace_s)
+
+
+async def collect(
+    stream: DeepgramStream, until: Callable[[STTEvent], bool], limit_s: float = 5.0
+) -> list[STTEvent]:
+    events: list[STTEvent] = []
+    async with asyncio.timeout(limit_s), contextlib.aclosing(stream.events()) as iterator:
+        async for event in iterator:
+            events.append(event)
+            if until(event):
+                return events
+    raise AssertionError(f"stream ended before the expected event: {events}")
+
+
+def is_speech_final(event: STTEvent) -> bool:
+    return isinstance(event, Transcript) and event.speech_final
+
+
+def finals(events: list[STTEvent]) -> list[Transcript]:
+    return [e for e in events if isinstance(e, Transcript) and e.is_final]
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+async def no_tasks_left() -> AsyncIterator[None]:
+    """Stricter than the shared leak guard: no grace period. Each adapter must have stopped
+    every task it started by the time its context, generator or call has ended.
+
+    The one exception is the loop's own `aclose()` of async generators abandoned *inside*
+    httpx/ollama/deepgram after the response was closed (e.g. `aiter_lines()` left behind
+    when an error line ends ollama's stream): those must merely finish promptly."""
+    yield
+    for _ in range(3):  # let already-finished tasks run their done-callbacks
+        await asyncio.sleep(0)
+    current = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    ours = [t for t in left if type(t.get_coro()).__name__ != "async_generator_athrow"]
+    assert not ours, f"tasks left running: {ours}"
+    if left:
+        _, pending = await asyncio.wait(left, timeout=1.0)
+        assert not pending, f"generator finalizers stuck: {pending}"
+
+
+@pytest.fixture
+def deepgram() -> Iterator[DeepgramEmulator]:
+    with DeepgramEmulator(api_key=DG_KEY, tts_first_byte_ms=20, tts_speed=50.0) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def ollama_emu() -> Iterator[OllamaEmulator]:
+    with OllamaEmulator(ttft_ms=20, tokens_per_s=400) as emulator:
+        yield emulator
+
+
+def dg_settings(tmp_path: Path, emulator: DeepgramEmulator, **overrides: object) -> Settings:
+    values = {"DEEPGRAM_BASE_URL": emulator.url, "DEEPGRAM_API_KEY": DG_KEY, **overrides}
+    return make_settings(tmp_path, **values)
+
+
+@pytest.fixture
+async def tts(tmp_path: Path, deepgram: DeepgramEmulator) -> AsyncIterator[DeepgramTTS]:
+    adapter = DeepgramTTS(dg_settings(tmp_path, deepgram))
+    yield adapter
+    await adapter.aclose()
+
+
+def llm_for(tmp_path: Path, host: str, **overrides: object) -> OllamaLLM:
+    return OllamaLLM(make_settings(tmp_path, OLLAMA_HOST=host, **overrides))
+
+
+@pytest.fixture
+async def llm(tmp_path: Path, ollama_emu: OllamaEmulator) -> AsyncIterator[OllamaLLM]:
+    adapter = llm_for(tmp_path, ollama_emu.url, OLLAMA_FIRST_TOKEN_TIMEOUT_S=0.5)
+    yield adapter
+    await adapter.aclose()
+
+
+# --- speech to text --------------------------------------------------------------------------
+
+
+async def test_stt_speech_gives_onset_interims_final_and_utterance_end(tmp_path, deepgram):
+    deepgram.set_listen_script(["Hi, this is Sam."])
+    clock = itertools.count(1000).__next__
+    stt = DeepgramSTT(dg_settings(tmp_path, deepgram), clock=clock)
+    async with stt.open(language="en-US", tag="call-1") as stream:
+        await stream_audio(stream, silence(0.3) + tone(1.0) + silence(1.5))
+        events = await collect(stream, lambda e: isinstance(e, UtteranceEnd))
+
+    kinds = [type(e) for e in events]
+    onset, utterance_end = events[0], events[-1]
+    assert isinstance(onset, SpeechStarted) and isinstance(utterance_end, UtteranceEnd)
+    assert onset.timestamp == pytest.approx(0.3, abs=TIME_TOLERANCE)
+    interims = [e for e in events if isinstance(e, Transcript) and not e.is_final]
+    assert interims and all(e.text for e in interims)
+    (final,) = finals(events)
+    assert (final.text, final.speech_final, final.from_finalize) == (
+        "Hi, this is Sam.",
+        True,
+        False,
+    )
+    assert final.start == pytest.approx(0.3, abs=TIME_TOLERANCE)
+    assert final.end == pytest.approx(1.3, abs=TIME_TOLERANCE)
+    assert kinds.index(Transcript) < kinds.index(UtteranceEnd) == len(events) - 1
+    assert utterance_end.last_word_end == pytest.approx(1.3, abs=TIME_TOLERANCE)
+    received = [e.received_at for e in events]
+    assert received == sorted(received) and received[0] >= 1000  # the injected clock
+
+    (record,) = deepgram.listen_connections
+    assert record.query == {
+        "model": "nova-3",
+        "encoding": "mulaw",
+        "sample_rate": "8000",
+        "channels": "1",
+        "language": "en-US",
+        "interim_results": "true",
+        "endpointing": "300",
+        "utterance_end_ms": "1000",
+        "vad_events": "true",
+        "smart_format": "true",
+        "punctuate": "true",
+        "tag": "call-1",
+    }
+    assert record.close_reason == "close_stream"
+    assert record.audio_bytes == len(silence(0.3) + tone(1.0) + silence(1.5))
+    assert stream.reconnects == 0
+
+
+async def test_stt_finalize_flushes_an_open_utterance(tmp_path, deepgram):
+    deepgram.set_listen_script(["Tuesday works."])
+    stt = DeepgramSTT(dg_settings(tmp_path, deepgram))
+    async with stt.open(language="en-US") as stream:
+        await stream_audio(stream, silence(0.2) + tone(0.6))
+        await stream.finalize()
+        events = await collect(stream, lambda e: isinstance(e, Transcript) and e.is_final)
+
+    final = events[-1]
+    assert isinstance(final, Transcript)
+    assert (final.text, final.from_finalize) == ("Tuesday works.", True)
+    (record,) = deepgram.listen_connections
+    assert [c["type"] for c in record.controls] == ["Finalize", "CloseStream"]
+    assert record.controls[0]["audio_time"] == pytest.approx(0.8)  # all audio went first
+
+
+async def test_stt_keepalive_only_while_audio_pauses(tmp_path, deepgram):
+    deepgram.config.idle_timeout_s = 1.0
+    stt = DeepgramSTT(dg_settings(tmp_path, deepgram), policy=StreamPolicy(keepalive_s=0.25))
+    async with stt.open(language="en-US") as stream:
+        await stream.wait_connected()
+        await stream_audio(stream, silence(1.2), pace_s=0.02)  # real time, longer than 0.25 s
+        await asyncio.sleep(1.6)  # longer than the emulator's idle timeout
+        await stream_audio(stream, silence(0.2))
+        assert stream.connected
+
+    (record,) = deepgram.listen_connections
+    keepalives = [c for c in record.controls if c["type"] == "KeepAlive"]
+    assert len(keepalives) >= 3
+    assert {c["audio_time"] for c in keepalives} == {1.2}  # none while audio flowed
+    assert record.close_reason == "close_stream"
+    assert stream.reconnects == 0
+
+
+async def test_stt_reconnects_after_drop_and_replays_the_gap(tmp_path, deepgram):
+    deepgram.set_listen_script(["Before the drop."])
+    stt = DeepgramSTT(dg_settings(tmp_path, deepgram))
+    before = silence(0.2) + tone(0.8) + silence(0.6)
+    gap = silence(0.3) + tone(0.8) + silence(0.8)
+    async with stt.open(language="en-US") as stream:
+        await stream_audio(stream, before)
+        first = await collect(stream, is_speech_final)
+
+        deepgram.set_listen_script(["After the drop."])
+        assert deepgram.drop_listen_connections(refuse_for_s=0.4) == 1
+        await async_wait_until(lambda: not stream.connected)
+        await stream_audio(stream, gap)  # sent while Deepgram refuses us
+        assert not stream.connected
+        second = await collect(stream, is_speech_final)
+        assert stream.reconnects == 1
+
+    assert finals(first)[-1].text == "Before the drop."
+    speech_started = [e for e in second if isinstance(e, SpeechStarted)]
+    after = finals(second)[-1]
+    assert after.text == "After the drop."
+    # on the call's timeline, not the new socket's: the burst began 0.3 s into the gap
+    onset = len(before) / 8000 + 0.3
+    assert speech_started[0].timestamp == pytest.approx(onset, abs=TIME_TOLERANCE)
+    assert after.start == pytest.approx(onset, abs=TIME_TOLERANCE)
+    assert after.end == pytest.approx(onset + 0.8, abs=TIME_TOLERANCE)
+
+    dropped, resumed = deepgram.listen_connections
+    assert dropped.close_reason == "dropped"
+    assert resumed.close_reason == "close_stream"
+    assert deepgram.listen_refused >= 1  # it backed off and retried
+    assert dropped.audio_bytes + resumed.audio_bytes == len(before) + len(gap)
+    assert stream.dropped_audio_bytes == 0
+
+
+async def test_stt_bounded_replay_drops_and_counts_old_audio(tmp_path, deepgram):
+    policy = StreamPolicy(buffer_s=0.5)
+    stt = DeepgramSTT(dg_settings(tmp_path, deepgram), policy=policy)
+    async with stt.open(language="en-US") as stream:
+        await stream.wait_connected()
+        deepgram.drop_listen_connections(refuse_for_s=0.3)
+        await async_wait_until(lambda: not stream.connected)
+        await stream_audio(stream, silence(1.5), pace_s=0)
+        await stream.wait_connected()
+        await stream.finalize()
+        await collect(stream, lambda e: isinstance(e, Transcript) and e.from_finalize)
+
+    assert stream.reconnects == 1
+    assert stream.dropped_audio_bytes == 8000
+    assert deepgram.listen_connections[-1].audio_bytes == 4000
+
+
+async def test_stt_gives_up_after_the_outage_budget(tmp_path, deepgram):
+    policy = StreamPolicy(give_up_after_s=0.5, max_backoff_s=0.2)
+    deepgram.refuse_listen(30)
+    stt = DeepgramSTT(dg_settings(tmp_path, deepgram), policy=policy)
+    async with stt.open(language="en-US") as stream:
+        await stream.send_audio(silence(0.1))  # buffered, never sent
+        with pytest.raises(STTError):
+            await collect(stream, lambda e: False)
+        with pytest.raises(STTError):  # and it stays failed
+            await collect(stream, lambda e: False)
+    assert deepgram.listen_refused >= 3
+
+
+async def test_stt_rejected_key_fails_without_retrying(tmp_path, deepgram):
+    stt = DeepgramSTT(dg_settings(tmp_path, deepgram, DEEPGRAM_API_KEY="wrong-key"))
+    async with stt.open(language="en-US") as stream:
+        with pytest.raises(STTError, match="401"):
+            await collect(stream, lambda e: False)
+    assert deepgram.listen_connects == 0
+
+
+async def test_stt_close_while_connecting_leaves_no_task(tmp_path):
+    """A server that accepts TCP but never answers the upgrade: exiting (or cancelling) the
+    stream mid-handshake must stop everything (the autouse leak check verifies it)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read()  # until the client gives up and half-closes
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    stt = DeepgramSTT(make_settings(tmp_path, DEEPGRAM_BASE_URL=f"http://127.0.0.1:{port}"))
+
+    async with stt.open(language="en-US") as stream:
+        await stream.send_audio(silence(0.1))
+        await async_wait_until(lambda: bool(held))
+
+    async def call() -> None:
+        async with stt.open(language="en-US"):
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(call())
+    await async_wait_until(lambda: len(held) == 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    for writer in held:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+    assert not stream.connected
+
+
+# --- text to speech --------------------------------------------------------------------------
+
+
+async def synthesize(tts: DeepgramTTS, text: str) -> bytes:
+    audio = bytearray()
+    async with contextlib.aclosing(tts.synthesize(text, voice="aura-2-thalia-en")) as chunks:
+        async for chunk in chunks:
+            audio += chunk
+    return bytes(audio)
+
+
+async def test_tts_streams_raw_mulaw(tts, deepgram):
+    text = "Thanks for picking up, this is Acme."
+    audio = await synthesize(tts, text)
+
+    assert len(audio) == expected_tts_bytes(text)
+    (request,) = deepgram.speak_requests
+    assert request.query == {
+        "model": "aura-2-thalia-en",
+        "encoding": "mulaw",
+        "sample_rate": "8000",
+        "container": "none",
+    }
+    assert request.text == text
+    assert not audio.startswith(b"RIFF")
+
+
+async def test_tts_retries_once_before_audio(tts, deepgram):
+    deepgram.fail_next_speak(1, status=503)
+    audio = await synthesize(tts, "One moment please.")
+
+    assert len(audio) == expected_tts_bytes("One moment please.")
+    assert [r.status for r in deepgram.speak_requests] == [503, 200]
+
+
+async def test_tts_two_failures_raise(tts, deepgram):
+    deepgram.fail_next_speak(2, status=500)
+    with pytest.raises(TTSError, match="HTTP 500"):
+        await synthesize(tts, "One moment please.")
+    assert len(deepgram.speak_requests) == 2
+
+
+async def test_tts_client_errors_are_not_retried(tts, deepgram):
+    deepgram.fail_next_speak(1, status=400)
+    with pytest.raises(TTSError, match="HTTP 400"):
+        await synthesize(tts, "One moment please.")
+    assert len(deepgram.speak_requests) == 1
+
+
+async def test_tts_failure_after_audio_started_is_not_retried(tts, deepgram):
+    deepgram.drop_next_speak(1, after_bytes=1600)
+    received = bytearray()
+    with pytest.raises(TTSError):
+        async for chunk in tts.synthesize(
+            "A long enough sentence to drop.", voice="aura-2-zeus-en"
+        ):
+            received += chunk
+    assert len(received) >= 1600
+    assert len(deepgram.speak_requests) == 1
+
+
+async def test_tts_closing_the_generator_closes_the_stream(tts, deepgram):
+    deepgram.config.tts_speed = 1.0  # real time: plenty left to cancel
+    chunks = tts.synthesize("This answer will be interrupted by the caller." * 3, voice="v")
+    async with contextlib.aclosing(chunks):
+        assert await anext(chunks)
+    await async_wait_until(lambda: deepgram.speak_requests[0].cancelled)
+
+
+async def test_tts_blank_text_makes_no_request(tts, deepgram):
+    assert await synthesize(tts, "  ") == b""
+    assert deepgram.speak_requests == []
+
+
+# --- language model --------------------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "book_meeting",
+            "description": "Book a meeting",
+            "parameters": {
+                "type": "object",
+                "properties": {"time": {"type": "string"}},
+                "required": ["time"],
+            },
+        },
+    }
+]
+MESSAGES = [
+    {"role": "system", "content": "You are a booking assistant."},
+    {"role": "user", "content": "Can we meet at three?"},
+]
+
+
+async def chat(llm: OllamaLLM, model: str = "llama3.2", **kwargs) -> list[LLMDelta]:
+    deltas = []
+    stream = llm.stream_chat(MESSAGES, model=model, temperature=0.3, **kwargs)
+    async with contextlib.aclosing(stream):
+        async for delta in stream:
+            deltas.append(delta)
+    return deltas
+
+
+async def test_llm_streams_text(llm, ollama_emu):
+    ollama_emu.set_replies(["Sure, three works. Shall I book it?"])
+    deltas = await chat(llm)
+
+    assert "".join(d.text for d in deltas) == "Sure, three works. Shall I book it?"
+    assert len(deltas) > 2 and deltas[-1].done and not any(d.done for d in deltas[:-1])
+    (body,) = ollama_emu.request_bodies
+    assert body["stream"] is True and body["think"] is False and body["keep_alive"] == "10m"
+    assert body["options"] == {"temperature": 0.3}
+    assert body["messages"] == MESSAGES
+
+
+async def test_llm_streams_tool_calls(llm, ollama_emu):
+    call = {"name": "book_meeting", "arguments": {"time": "15:00"}}
+    ollama_emu.set_replies([Reply(text="One moment.", tool_calls=[call])])
+    deltas = await chat(llm, tools=TOOLS)
+
+    assert "".join(d.text for d in deltas) == "One moment."
+    calls = [c for d in deltas for c in d.tool_calls]
+    assert calls == [ToolCall(name="book_meeting", arguments={"time": "15:00"})]
+    assert ollama_emu.request_bodies[0]["tools"] == TOOLS
+
+
+async def test_llm_unknown_model(llm):
+    with pytest.raises(LLMModelNotFound):
+        await chat(llm, model="no-such-model")
+
+
+async def test_llm_server_error(llm, ollama_emu):
+    ollama_emu.set_fault("http500", count=1)
+    with pytest.raises(LLMUnavailable):
+        await chat(llm)
+
+
+async def test_llm_stall_times_out_and_hangs_up(llm, ollama_emu):
+    ollama_emu.set_fault("stall", count=1)
+    with pytest.raises(LLMTimeout):
+        await chat(llm)
+    await async_wait_until(lambda: ollama_emu.cancellations == 1)
+    assert ollama_emu.active_generations == 0
+
+
+async def test_llm_midstream_error(llm, ollama_emu):
+    ollama_emu.set_fault("midstream_error", count=1)
+    with pytest.raises(LLMError) as raised:
+        await chat(llm)
+    assert type(raised.value) is LLMError
+
+
+async def test_llm_connection_refused(tmp_path):
+    llm = llm_for(tmp_path, f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(LLMUnavailable):
+        await chat(llm)
+    with pytest.raises(LLMUnavailable):
+        await llm.complete_json(MESSAGES, model="llama3.2", schema={"type": "object"})
+    assert await llm.healthy() is False
+    await llm.aclose()
+
+
+async def test_llm_cancelled_consumer_stops_generation(llm, ollama_emu):
+    ollama_emu.config.tokens_per_s = 5  # a long answer still streaming when we cancel
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in llm.stream_chat(MESSAGES, model="llama3.2", temperature=0.3):
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first.wait(), 5)
+    await async_wait_until(lambda: ollama_emu.active_generations == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await async_wait_until(lambda: ollama_emu.cancellations == 1)
+    assert ollama_emu.active_generations == 0
+    assert ollama_emu.requests[0].status == "cancelled"
+
+
+async def test_llm_closing_the_generator_stops_generation(llm, ollama_emu):
+    ollama_emu.config.tokens_per_s = 5
+    stream = llm.stream_chat(MESSAGES, model="llama3.2", temperature=0.3)
+    async with contextlib.aclosing(stream):
+        assert (await anext(stream)).text
+    await async_wait_until(lambda: ollama_emu.cancellations == 1)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"outcome": {"type": "string"}, "score": {"type": "integer"}},
+    "required": ["outcome", "score"],
+}
+
+
+async def test_llm_complete_json(llm, ollama_emu):
+    ollama_emu.set_replies([Reply(json={"outcome": "booked", "score": 4})])
+    result = await llm.complete_json(MESSAGES, model="llama3.2", schema=SCHEMA)
+
+    assert result == {"outcome": "booked", "score": 4}
+    (body,) = ollama_emu.request_bodies
+    assert body["format"] == SCHEMA and body["stream"] is False
+    assert body["options"] == {"temperature": 0}
+
+
+async def test_llm_complete_json_invalid_output(llm, ollama_emu):
+    ollama_emu.set_replies([Reply(text="Sure! Here is the JSON you asked for")])
+    with pytest.raises(LLMError, match="invalid JSON"):
+        await llm.complete_json(MESSAGES, model="llama3.2", schema=SCHEMA)
+
+
+async def test_llm_complete_json_errors_are_mapped(llm, ollama_emu):
+    with pytest.raises(LLMModelNotFound):
+        await llm.complete_json(MESSAGES, model="no-such-model", schema=SCHEMA)
+    ollama_emu.set_fault("http500", count=1)
+    with pytest.raises(LLMUnavailable):
+        await llm.complete_json(MESSAGES, model="llama3.2", schema=SCHEMA)
+
+
+async def test_llm_healthy(llm):
+    assert await llm.healthy() is True
