@@ -77,15 +77,18 @@ class OllamaLLM:
         """Deltas with text and/or whole tool calls; the last one has `done=True`."""
         # With stream=True the await only builds the generator; the request starts at the
         # first iteration, so errors surface from `_next` below.
-        parts = await self._client.chat(
-            model=model,
-            messages=messages,
-            tools=tools,
-            stream=True,
-            options={"temperature": temperature},
-            keep_alive=KEEP_ALIVE,
-            think=False,
-        )
+        try:
+            parts = await self._client.chat(
+                model=model,
+                messages=messages,
+                tools=tools,
+                stream=True,
+                options={"temperature": temperature},
+                keep_alive=KEEP_ALIVE,
+                think=False,
+            )
+        except Exception as exc:  # request validation only: nothing is sent yet
+            raise _map_error(exc) from exc
         async with contextlib.aclosing(cast(AsyncGenerator[Any, None], parts)):
             timeout_s = self._first_token_timeout_s
             while (part := await _next(parts, timeout_s)) is not None:

@@ -248,6 +248,8 @@ class DeepgramStream:
     async def _drain(self, conn: Any) -> None:
         """Send all unsent audio, then a due Finalize. The caller holds `_send_lock`."""
         while self._unsent:
+            # Normally one batch; after a reconnect the whole replay buffer (<= buffer_s,
+            # far below the 1 MiB frame limit), which Deepgram takes faster than real time.
             chunk = bytes(self._unsent[: self._policy.buffer_bytes])
             del self._unsent[: len(chunk)]
             dropped_before = self.dropped_audio_bytes

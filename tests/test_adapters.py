@@ -219,10 +219,10 @@ async def test_stt_finalize_flushes_an_open_utterance(tmp_path, deepgram):
 
 async def test_stt_keepalive_only_while_audio_pauses(tmp_path, deepgram):
     deepgram.config.idle_timeout_s = 1.0
-    stt = DeepgramSTT(dg_settings(tmp_path, deepgram), policy=StreamPolicy(keepalive_s=0.25))
+    stt = DeepgramSTT(dg_settings(tmp_path, deepgram), policy=StreamPolicy(keepalive_s=0.3))
     async with stt.open(language="en-US") as stream:
         await stream.wait_connected()
-        await stream_audio(stream, silence(1.2), pace_s=0.02)  # real time, longer than 0.25 s
+        await stream_audio(stream, silence(1.2), pace_s=0.02)  # real time, longer than 0.3 s
         await asyncio.sleep(1.6)  # longer than the emulator's idle timeout
         await stream_audio(stream, silence(0.2))
         assert stream.connected
@@ -280,8 +280,18 @@ async def test_stt_bounded_replay_drops_and_counts_old_audio(tmp_path, deepgram)
         await stream_audio(stream, silence(1.5), pace_s=0)
         await stream.wait_connected()
         await stream.finalize()
-        await collect(stream, lambda e: isinstance(e, Transcript) and e.from_finalize)
+        events = await collect(stream, lambda e: isinstance(e, Transcript) and e.from_finalize)
 
+    # the replayed 0.5 s sits at 1.0-1.5 s of the call: the dropped second is not squeezed out
+    assert events[-1] == Transcript(  # empty finals are delivered too
+        "",
+        is_final=True,
+        speech_final=False,
+        start=1.5,
+        end=1.5,
+        from_finalize=True,
+        received_at=events[-1].received_at,
+    )
     assert stream.reconnects == 1
     assert stream.dropped_audio_bytes == 8000
     assert deepgram.listen_connections[-1].audio_bytes == 4000
