@@ -314,8 +314,8 @@ class _ListenSession:
                 self._on_audio(message["bytes"])
             elif message.get("text") is not None:
                 self._on_control(message["text"])
-        if sender.done() and not sender.cancelled() and sender.result():
-            return sender.result()
+        if sender.done() and not sender.cancelled() and sender.exception() is None:
+            return sender.result() or "client"
         return "client"
 
     async def _send_loop(self) -> str | None:

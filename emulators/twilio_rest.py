@@ -43,6 +43,9 @@ CALL_STATUSES = {
     "canceled",
 }
 _ENDED = {"completed", "busy", "failed", "no-answer", "canceled"}
+_CALLBACK_EVENT = {"queued": "initiated", "in-progress": "answered"}
+_CALLBACK_EVENT.update({status: "completed" for status in _ENDED})
+"""The StatusCallbackEvent that reports each call status (every end state is `completed`)."""
 
 
 class TwilioError(Exception):
@@ -239,7 +242,7 @@ class TwilioRestEmulator(ThreadedServer):
         call = self.get_call(call_sid) or {}
         url = call.get("status_callback")
         events = call.get("status_callback_event") or ["completed"]
-        event = "answered" if status == "in-progress" else status
+        event = _CALLBACK_EVENT.get(status, status)
         if not url or event not in events:
             return None
         params = self.call_status_params(call_sid, status, **extra)

@@ -315,6 +315,31 @@ async def test_listen_finalize_flushes_once(deepgram: DeepgramEmulator) -> None:
     ]
 
 
+async def test_listen_scripts_keyed_by_tag_for_concurrent_calls() -> None:
+    script = {"call-a": ["I am caller A."], "call-b": ["I am caller B."], "*": ["Anyone."]}
+    with DeepgramEmulator(listen_script=script) as emu:
+
+        async def transcribe(tag: str | None) -> list[str]:
+            messages: list[Any] = []
+            params = {**LISTEN, "tag": tag} if tag else LISTEN
+            async with dg_client(emu).listen.v1.connect(**params) as conn:
+                reader = asyncio.create_task(read_all(conn, messages))
+                await send_audio(conn, tone(0.3) + silence(0.5), speedup=8)
+                await conn.send_close_stream()
+                await asyncio.wait_for(reader, 10)
+            return [m.channel.alternatives[0].transcript for m in messages if m.type == "Results"]
+
+        a, b, other = await asyncio.gather(
+            transcribe("call-a"), transcribe("call-b"), transcribe(None)
+        )
+    assert (a[-1], b[-1], other[-1]) == ("I am caller A.", "I am caller B.", "Anyone.")
+    assert sorted(r.tags[0] if r.tags else "" for r in emu.listen_connections) == [
+        "",
+        "call-a",
+        "call-b",
+    ]
+
+
 async def test_listen_closes_idle_sockets_unless_kept_alive() -> None:
     with DeepgramEmulator(idle_timeout_s=0.4) as emu:
         async with dg_client(emu).listen.v1.connect(**LISTEN) as conn:
