@@ -241,6 +241,41 @@ def _flag(value: str | None, default: bool = False) -> bool:
 # --- listen session --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ListenOptions:
+    """The listen query parameters the emulator acts on."""
+
+    fmt: AudioFormat
+    endpointing: bool
+    endpointing_ms: int
+    utterance_end_s: float | None
+    interim_results: bool
+    vad_events: bool
+    channels: int
+
+    @classmethod
+    def parse(cls, query: dict[str, str], default_endpointing_ms: int) -> ListenOptions:
+        """Raises ValueError for values Deepgram would reject."""
+        encoding = query.get("encoding", "mulaw")
+        if encoding not in SUPPORTED_ENCODINGS:
+            raise ValueError(f"Bad encoding: {encoding}")
+        rate = int(query.get("sample_rate") or (8000 if encoding == "mulaw" else 16000))
+        endpointing = query.get("endpointing")
+        ms = default_endpointing_ms
+        if endpointing not in (None, "false", "true"):
+            ms = int(endpointing)
+        utterance_end = query.get("utterance_end_ms")
+        return cls(
+            fmt=AudioFormat(encoding, rate),
+            endpointing=endpointing != "false",
+            endpointing_ms=ms,
+            utterance_end_s=int(utterance_end) / 1000 if utterance_end else None,
+            interim_results=_flag(query.get("interim_results")),
+            vad_events=_flag(query.get("vad_events")),
+            channels=int(query.get("channels") or 1),
+        )
+
+
 @dataclass
 class _Utterance:
     start: float
@@ -257,24 +292,18 @@ class _ListenSession:
     """One `/v1/listen` connection: energy segmentation on the audio timeline, messages
     released in order by a sender task after their wall-clock latency."""
 
-    def __init__(self, emu: DeepgramEmulator, ws: WebSocket, record: ListenRecord) -> None:
+    def __init__(
+        self, emu: DeepgramEmulator, ws: WebSocket, record: ListenRecord, options: ListenOptions
+    ) -> None:
         self.emu, self.ws, self.record = emu, ws, record
-        self.cfg = emu.config
-        query = record.query
-        encoding = query.get("encoding", "mulaw")
-        rate = int(query.get("sample_rate") or (8000 if encoding == "mulaw" else 16000))
-        self.fmt = AudioFormat(encoding, rate)
-        self.frame_bytes = int(rate * FRAME_S) * self.fmt.width
-        endpointing = query.get("endpointing")
-        self.endpointing = endpointing != "false"
-        ms = self.cfg.default_endpointing_ms
-        if endpointing not in (None, "false", "true"):
-            ms = int(endpointing)
-        self.endpoint_s = max(ms, self.cfg.word_gap_ms) / 1000
-        ue = query.get("utterance_end_ms")
-        self.utterance_end_s = int(ue) / 1000 if ue else None
-        self.interim_results = _flag(query.get("interim_results"))
-        self.vad_events = _flag(query.get("vad_events"))
+        self.cfg, self.options = emu.config, options
+        self.fmt = options.fmt
+        self.frame_bytes = int(self.fmt.sample_rate * FRAME_S) * self.fmt.width
+        self.endpointing = options.endpointing
+        self.endpoint_s = max(options.endpointing_ms, self.cfg.word_gap_ms) / 1000
+        self.utterance_end_s = options.utterance_end_s
+        self.interim_results = options.interim_results
+        self.vad_events = options.vad_events
         self.script = deque(emu.script_for(record.tags))
         self.request_id = str(uuid.uuid4())
         self.loop = asyncio.get_running_loop()
@@ -533,7 +562,7 @@ class _ListenSession:
             "sha256": self.sha.hexdigest(),
             "created": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "duration": round(self.record.audio_bytes / self.fmt.bytes_per_s, 3),
-            "channels": int(self.record.query.get("channels", "1")),
+            "channels": self.options.channels,
         }
 
 
@@ -790,14 +819,15 @@ class DeepgramEmulator(ThreadedServer):
         if refusing:
             await self._deny(ws, self._refuse_status, "SERVICE_UNAVAILABLE", "Try again later.")
             return
-        encoding = ws.query_params.get("encoding", "mulaw")
-        if encoding not in SUPPORTED_ENCODINGS:
-            await self._deny(ws, 400, "INVALID_QUERY_PARAMETER", f"Bad encoding: {encoding}")
+        try:
+            options = ListenOptions.parse(dict(ws.query_params), self.config.default_endpointing_ms)
+        except ValueError as exc:
+            await self._deny(ws, 400, "INVALID_QUERY_PARAMETER", str(exc))
             return
         await ws.accept()
-        await self._run_listen(ws)
+        await self._run_listen(ws, options)
 
-    async def _run_listen(self, ws: WebSocket) -> None:
+    async def _run_listen(self, ws: WebSocket, options: ListenOptions) -> None:
         record = ListenRecord(
             id=0,
             query=dict(ws.query_params),
@@ -811,7 +841,7 @@ class DeepgramEmulator(ThreadedServer):
             self._live[record.id] = (ws.scope, record)
         reason = "server_stop"
         try:
-            reason = await _ListenSession(self, ws, record).run()
+            reason = await _ListenSession(self, ws, record, options).run()
         finally:
             if self.closing.is_set():
                 reason = "server_stop"

@@ -357,11 +357,15 @@ async def test_listen_closes_idle_sockets_unless_kept_alive() -> None:
         assert record.sent == []
 
 
-async def test_listen_rejects_a_bad_key(deepgram: DeepgramEmulator) -> None:
+async def test_listen_rejects_a_bad_key_and_bad_parameters(deepgram: DeepgramEmulator) -> None:
     with pytest.raises(ApiError) as info:
         async with dg_client(deepgram, key="wrong").listen.v1.connect(**LISTEN):
             pass
     assert info.value.status_code == 401
+    with pytest.raises(ApiError) as info:
+        async with dg_client(deepgram).listen.v1.connect(**{**LISTEN, "endpointing": "soon"}):
+            pass
+    assert info.value.status_code == 400
     assert deepgram.listen_connects == 0
 
 
