@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.vad_bench [--streams 100] [--seconds 10] [--no-paced]
 
 1. Model: cost of one inference of B windows, B = 1, 10, 50, 100, 200.
-2. Batcher round trip for a single stream (no batching possible): inline vs offloaded.
+2. Batcher round trip for a single stream (no batching possible, no wait): inline vs
+   offloaded.
 3. N streams of 20 ms frames, a mix of speech, pauses and line noise, processed as fast as
    possible (all calls' frames of one 20 ms tick submitted together): CPU per call.
 4. The same N streams paced in real time with random frame phases, each call its own task:
@@ -57,7 +58,7 @@ async def bench_round_trip(model: SileroModel) -> None:
     print("2. One stream alone, batcher round trip per window (B=1)")
     window = np.zeros(INPUT_SAMPLES, dtype=np.float32) + 0.01
     for offload in (False, True):
-        batcher = VADBatcher(model, offload=offload)
+        batcher = VADBatcher(model, offload=offload, max_wait_ms=0)
         state = np.zeros((2, STATE_SIZE), dtype=np.float32)
         for _ in range(50):
             await batcher.infer(window, state)
@@ -120,7 +121,8 @@ async def bench_fast(model: SileroModel, scripts: list[list[bytes]], seconds: fl
         ("inline,  gate off", False, None),
     ]
     for label, offload, gate in cases:
-        batcher = VADBatcher(model, offload=offload)
+        # every call's frame of a tick is submitted in the same loop turn: no wait needed
+        batcher = VADBatcher(model, offload=offload, max_wait_ms=0)
         figures = await run_fast(scripts, batcher, energy_gate_dbfs=gate)
         per_call = figures.cpu / (calls * seconds)
         print(
