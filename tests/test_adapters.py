@@ -270,6 +270,16 @@ async def test_stt_reconnects_after_drop_and_replays_the_gap(tmp_path, deepgram)
     assert stream.dropped_audio_bytes == 0
 
 
+async def test_stt_reconnects_after_a_server_close_frame(tmp_path, deepgram):
+    """Deepgram's idle timeout (NET-0001) closes with a close frame, not a TCP reset."""
+    deepgram.config.idle_timeout_s = 0.3
+    stt = DeepgramSTT(dg_settings(tmp_path, deepgram), policy=StreamPolicy(keepalive_s=60))
+    async with stt.open(language="en-US") as stream:
+        await async_wait_until(lambda: stream.reconnects == 1)
+
+    assert deepgram.listen_connections[0].close_reason == "idle_timeout"
+
+
 async def test_stt_bounded_replay_drops_and_counts_old_audio(tmp_path, deepgram):
     policy = StreamPolicy(buffer_s=0.5)
     stt = DeepgramSTT(dg_settings(tmp_path, deepgram), policy=policy)
