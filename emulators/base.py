@@ -237,28 +237,27 @@ class PacedResponse:
         media_type: str = "application/octet-stream",
         headers: dict[str, str] | None = None,
         on_cancel: Callable[[], None] | None = None,
-        on_complete: Callable[[], None] | None = None,
     ) -> None:
         self.body = body
         self.status = status
         self.headers = [(b"content-type", media_type.encode())]
         self.headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         self.on_cancel = on_cancel
-        self.on_complete = on_complete
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         producer = asyncio.ensure_future(self._produce(send))
         watcher = asyncio.ensure_future(
             _first_of(wait_for_http_disconnect(receive), server_of(scope).closing.wait())
         )
-        await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if producer.done():
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+        try:
+            await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (producer, watcher):
+                task.cancel()  # no-op for the one that finished
+            await asyncio.gather(producer, watcher, return_exceptions=True)
+        if not producer.cancelled():
             await self._after_body(scope, receive, producer)
             return
-        producer.cancel()
-        await asyncio.gather(producer, return_exceptions=True)
         if self.on_cancel:
             self.on_cancel()
         if abort_connection(scope):
@@ -267,8 +266,6 @@ class PacedResponse:
     async def _after_body(self, scope: dict, receive: Callable, producer: asyncio.Future) -> None:
         exc = producer.exception()
         if exc is None:
-            if self.on_complete:
-                self.on_complete()
             return
         if not isinstance(exc, AbortConnection):
             raise exc

@@ -246,7 +246,6 @@ class TwilioCaller:
             stream_sid=stream_sid or new_sid("MZ"),
             received_audio=bytearray() if keep_audio else None,
         )
-        self._ws: ClientConnection | None = None
         self._t0 = 0.0
         self._seq = 0
         self._next_frame = 0
@@ -290,9 +289,10 @@ class TwilioCaller:
             self.result.ended_by = "connect_error"
             self.result.errors.append(_describe_connect_error(exc))
             return self.result
-        self._ws = ws
         try:
             await self._converse(ws)
+        except ConnectionClosed:
+            self.result.ended_by = "server"  # closed before the stream started
         finally:
             await ws.close()
             self._finish_accounting()
@@ -308,8 +308,8 @@ class TwilioCaller:
         try:
             await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
             if not self.result.ended_by:
-                failed = sender.done() and sender.exception() is not None
-                self.result.ended_by = "error" if failed else "server"
+                crashed = sender.done() and not sender.cancelled() and sender.exception()
+                self.result.ended_by = "error" if crashed else "server"
                 sender.cancel()
             else:
                 with contextlib.suppress(TimeoutError):
