@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Self, TypeVar
 
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 T = TypeVar("T")
 
 _SCOPE_SERVER = "emulator.server"
@@ -163,7 +163,7 @@ class ThreadedServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def _outer_app(self, app: ASGIApp) -> ASGIApp:
-        async def outer(scope: dict, receive: Callable, send: Callable) -> None:
+        async def outer(scope: Scope, receive: Receive, send: Send) -> None:
             scope[_SCOPE_SERVER] = self
             scope[_SCOPE_RAW_RECEIVE] = receive
             await app(scope, receive, send)
@@ -188,7 +188,7 @@ def stop_all(servers: list[ThreadedServer], timeout: float = 10.0) -> None:
 # --- connection-level helpers ---------------------------------------------------------------
 
 
-def abort_connection(scope: dict) -> bool:
+def abort_connection(scope: Scope) -> bool:
     """Drop the TCP connection behind `scope` without a close handshake (no WebSocket close
     frame, no final HTTP chunk). Returns False when the transport cannot be reached.
 
@@ -203,11 +203,11 @@ def abort_connection(scope: dict) -> bool:
     return True
 
 
-def server_of(scope: dict) -> ThreadedServer:
+def server_of(scope: Scope) -> ThreadedServer:
     return scope[_SCOPE_SERVER]
 
 
-async def wait_for_http_disconnect(receive: Callable) -> None:
+async def wait_for_http_disconnect(receive: Receive) -> None:
     """Return once the HTTP client has gone away (the request body must be consumed)."""
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -244,7 +244,7 @@ class PacedResponse:
         self.headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         self.on_cancel = on_cancel
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         producer = asyncio.ensure_future(self._produce(send))
         watcher = asyncio.ensure_future(
             _first_of(wait_for_http_disconnect(receive), server_of(scope).closing.wait())
@@ -263,7 +263,7 @@ class PacedResponse:
         if abort_connection(scope):
             await wait_for_http_disconnect(receive)
 
-    async def _after_body(self, scope: dict, receive: Callable, producer: asyncio.Future) -> None:
+    async def _after_body(self, scope: Scope, receive: Receive, producer: asyncio.Future) -> None:
         exc = producer.exception()
         if exc is None:
             return
@@ -272,7 +272,7 @@ class PacedResponse:
         if abort_connection(scope):
             await wait_for_http_disconnect(receive)
 
-    async def _produce(self, send: Callable) -> None:
+    async def _produce(self, send: Send) -> None:
         started = False
         async for chunk in self.body:
             if not started:

@@ -33,6 +33,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from emulators.base import (
@@ -696,7 +697,7 @@ class DeepgramEmulator(ThreadedServer):
         self.config = config_from(DeepgramConfig, config, overrides)
         self.model_uuid = str(uuid.uuid4())
         self._listen: list[ListenRecord] = []
-        self._live: dict[int, tuple[dict, ListenRecord]] = {}
+        self._live: dict[int, tuple[Scope, ListenRecord]] = {}
         self._speak: list[SpeakRecord] = []
         self._speak_failures: deque[tuple[int, str]] = deque()
         self._speak_drops: deque[int] = deque()
@@ -863,7 +864,7 @@ class DeepgramEmulator(ThreadedServer):
         await ws.accept()
         await _SpeakSession(self, ws, fmt, query).run()
 
-    async def _speak_rest_endpoint(self, request: Request) -> Response:
+    async def _speak_rest_endpoint(self, request: Request) -> Response | PacedResponse:
         if not self._authorized(request.headers):
             return JSONResponse(_error_body("INVALID_AUTH", "Invalid credentials."), 401)
         query = dict(request.query_params)

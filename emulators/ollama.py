@@ -63,10 +63,14 @@ class Reply:
 ReplyScript = list[Reply | str | dict[str, Any]] | Callable[[list[dict[str, Any]]], Any]
 
 
+def _default_replies() -> ReplyScript:
+    return [Reply(DEFAULT_REPLY)]
+
+
 @dataclass
 class OllamaConfig:
     models: list[str] = field(default_factory=lambda: ["llama3.2"])
-    replies: ReplyScript = field(default_factory=lambda: [Reply(DEFAULT_REPLY)])
+    replies: ReplyScript = field(default_factory=_default_replies)
     ttft_ms: float = 250.0
     tokens_per_s: float = 40.0
     midstream_error_after: int = 3
@@ -264,7 +268,7 @@ class OllamaEmulator(ThreadedServer):
             }
         )
 
-    async def _chat(self, request: Request) -> Response:
+    async def _chat(self, request: Request) -> Response | PacedResponse:
         body = await _json_body(request)
         record = ChatRecord(body=body, time=time.time())
         with self.lock:

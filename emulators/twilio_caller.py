@@ -251,7 +251,7 @@ class TwilioCaller:
         self._next_frame = 0
         self._speech_free_frame = 0
         self._segments: deque[_Segment] = deque()
-        self._timed: list[Action] = sorted(
+        self._timed: list[Say | Dtmf | Hangup] = sorted(
             (a for a in self.timeline if isinstance(a, Say | Dtmf | Hangup)), key=lambda a: a.at
         )
         self._anchored: list[SayAfterAgentAudio | HangupAfterAgentAudio] = [

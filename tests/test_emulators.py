@@ -191,7 +191,7 @@ async def test_twilio_status_callbacks_are_signed(twilio: TwilioRestEmulator) ->
     assert form["CallSid"] == sid and form["CallStatus"] == "completed"
     assert RequestValidator(TOKEN).validate(public, form, signature)
     assert RequestValidator(TOKEN).validate(sink.url + "/status", form2, signature2)
-    assert twilio.get_call(sid)["status"] == "completed"
+    assert (twilio.get_call(sid) or {}).get("status") == "completed"
 
 
 # --- Deepgram listen ------------------------------------------------------------------------
@@ -535,7 +535,7 @@ async def test_ollama_json_format(ollama: OllamaEmulator) -> None:
     response = await ollama_client(ollama).chat(
         model="llama3.2", messages=[USER], stream=False, format={"type": "object"}
     )
-    assert json.loads(response.message.content) == {"outcome": "booked", "score": 4}
+    assert json.loads(response.message.content or "") == {"outcome": "booked", "score": 4}
 
 
 async def test_ollama_errors(ollama: OllamaEmulator) -> None:
@@ -556,7 +556,7 @@ async def test_ollama_errors(ollama: OllamaEmulator) -> None:
     with pytest.raises(ResponseError) as info:
         stream = await client.chat(model="llama3.2", messages=[USER], stream=True)
         async for part in stream:
-            seen.append(part.message.content)
+            seen.append(part.message.content or "")
     assert info.value.status_code == -1
     assert seen == split_tokens("Hi! Is now a good time?")[:3]
     assert len(await chat_parts(client, [USER])) == 7  # faults were for one request each
@@ -576,7 +576,7 @@ async def test_ollama_stall_and_cancellation_stop_generation(ollama: OllamaEmula
     async def consume() -> None:
         stream = await ollama_client(ollama).chat(model="llama3.2", messages=[USER], stream=True)
         async for part in stream:
-            received.append(part.message.content)
+            received.append(part.message.content or "")
 
     task = asyncio.create_task(consume())
     await async_wait_until(lambda: len(received) >= 3)
@@ -592,7 +592,8 @@ async def test_ollama_stall_and_cancellation_stop_generation(ollama: OllamaEmula
 async def test_ollama_tags_version_show(ollama: OllamaEmulator) -> None:
     client = ollama_client(ollama)
     assert [m.model for m in (await client.list()).models] == ["llama3.2:latest"]
-    assert (await client.show("llama3.2")).details.family == "llama"
+    details = (await client.show("llama3.2")).details
+    assert details is not None and details.family == "llama"
     async with httpx.AsyncClient(base_url=ollama.url) as http:
         assert (await http.get("/api/version")).json() == {"version": "0.12.3"}
         assert (await http.post("/api/show", json={"model": "x"})).status_code == 404
@@ -622,6 +623,7 @@ class MediaStreamApp:
         self.mark_times: dict[str, float] = {}
 
     async def handler(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
         self.headers = dict(ws.request.headers)
         async for raw in ws:
             message = json.loads(raw)
@@ -673,7 +675,7 @@ async def test_caller_plays_in_real_time_and_honours_marks_and_clear(serve_app: 
         [Say(0.1, tone(0.2), "hi"), Dtmf(0.3, "7"), Hangup(1.5)],
         auth_token=TOKEN,
         signed_url=public,
-        custom_parameters={"lead_id": 42},
+        custom_parameters={"lead_id": "42"},
     )
     result = await asyncio.wait_for(caller.run(), 10)
 
