@@ -163,7 +163,11 @@ class TwilioRestEmulator(ThreadedServer):
     # --- fault injection and state changes ----------------------------------------------
 
     def fail_next(
-        self, status: int = 500, code: int = 20500, message: str = "Internal Server Error", count=1
+        self,
+        status: int = 500,
+        code: int = 20500,
+        message: str = "Internal Server Error",
+        count: int = 1,
     ) -> None:
         """Make the next `count` API requests fail with Twilio's legacy error body."""
         with self.lock:
