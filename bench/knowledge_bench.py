@@ -8,6 +8,8 @@
 2. Search: `--queries` caller-style questions through `KnowledgeBase.search` (top_k 3), one at
    a time as the pipeline does. Prints p50/p95/p99 of the whole call (thread hop, query
    embedding, HNSW search, metadata fetch) and of the query embedding alone.
+3. The same searches while another document of `--batch` * 8 chunks is being ingested, as
+   when an upload lands during live calls.
 """
 
 from __future__ import annotations
@@ -108,11 +110,14 @@ def _percentiles(samples: list[float]) -> str:
     )
 
 
-async def _ingest(kb: KnowledgeBase, total: int, batch: int, rng: random.Random) -> float:
+async def _ingest(
+    kb: KnowledgeBase, total: int, batch: int, rng: random.Random, prefix: str = "doc"
+) -> float:
     started = time.perf_counter()
     for document, start in enumerate(range(0, total, batch)):
         chunks = [_chunk(i, rng) for i in range(min(batch, total - start))]
-        await kb.add_document("bench", f"doc{document}", chunks, source=f"doc{document}.md")
+        name = f"{prefix}{document}"
+        await kb.add_document("bench", name, chunks, source=f"{name}.md")
     return time.perf_counter() - started
 
 
@@ -148,6 +153,12 @@ async def main(args: argparse.Namespace) -> None:
         whole, embedding = await _search(kb, questions)
         print(f"search ({len(questions)} queries, top_k 3): {_percentiles(whole)}")
         print(f"  query embedding alone:        {_percentiles(embedding)}")
+
+        upload = asyncio.create_task(_ingest(kb, args.batch * 8, args.batch * 8, rng, "upload"))
+        await asyncio.sleep(0.5)
+        whole, _ = await _search(kb, questions[:100])
+        print(f"search during an upload:          {_percentiles(whole)}")
+        await upload
         kb.close()
 
 

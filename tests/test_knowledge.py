@@ -9,9 +9,11 @@ import io
 import itertools
 import re
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import chromadb
+import numpy as np
 import pypdf
 import pytest
 from chromadb.config import Settings as ChromaSettings
@@ -332,6 +334,20 @@ def test_embeddings_are_unit_length(embedding_model: None) -> None:
 
     assert vectors.shape == (2, 384)
     assert all(abs(float((v * v).sum()) - 1.0) < 1e-4 for v in vectors)
+
+
+def test_concurrent_embedding_matches_serial(embedding_model: None) -> None:
+    texts = [f"Question {n}: does plan {n % 3} include {n * 7} minutes?" for n in range(40)]
+    batches = [
+        texts[n : n + size] for n, size in zip(range(0, 40, 5), [1, 5, 3, 5] * 2, strict=True)
+    ]
+    serial = [knowledge_chroma.embed(batch) for batch in batches]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(knowledge_chroma.embed, batches))
+
+    for expected, actual in zip(serial, concurrent, strict=True):
+        assert np.allclose(expected, actual, atol=1e-5)
 
 
 # --- the store -----------------------------------------------------------------------------
