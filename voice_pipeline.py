@@ -59,6 +59,11 @@ LEAD_S = 0.3
 """Outbound audio kept queued at Twilio ahead of the playback clock: enough to ride out
 network jitter, little enough that a barge-in has little to clear."""
 FRAME_S = FRAME_BYTES / SAMPLE_RATE
+DEFAULT_PLAYOUT_LAG_S = 0.08
+RESUME_BACKUP_S = 0.3
+"""On resuming after a false barge-in, repeat this much: a little repetition after a pause
+sounds natural; a skipped syllable does not."""
+MAX_PLAYOUT_LAG_S = 1.0
 MAX_UNSENT_BYTES = 20 * SAMPLE_RATE
 """Synthesised audio waiting to be paced out; TTS waits beyond this (backpressure)."""
 INBOUND_QUEUE_FRAMES = 50
@@ -277,6 +282,7 @@ class Chunk:
     mark: str = ""
     mark_sent: bool = False
     acked: bool = False
+    due: float = 0.0  # when the playback clock says its last byte plays
 
 
 @dataclass(eq=False)
@@ -380,12 +386,14 @@ class CallSession:
             clock=self.clock,
         )
         self._audio_t0: float | None = None
+        self._frames_in = 0
         # outbound
         self._speech: Speech | None = None
         self._producer: asyncio.Task[None] | None = None
         self._speech_ids = 0
         self._generation = 0
         self._play_end = 0.0
+        self._playout_lag = DEFAULT_PLAYOUT_LAG_S
         self._paused = False
         self._wake_pacer = asyncio.Event()
         self._sent_more = asyncio.Event()
@@ -544,8 +552,12 @@ class CallSession:
             return
         if not frame:
             return
-        if self._audio_t0 is None:
-            self._audio_t0 = self.clock()
+        # Frames are sent every 20 ms and never arrive early: the earliest arrival minus its
+        # audio time maps the audio timeline onto the clock (robust to late reads).
+        t0 = self.clock() - self._frames_in * FRAME_S
+        self._frames_in += 1
+        if self._audio_t0 is None or t0 < self._audio_t0:
+            self._audio_t0 = t0
         if self._inbound.full():
             self._inbound.get_nowait()
             self.frames_dropped += 1
@@ -682,7 +694,9 @@ class CallSession:
         return self._play_end > self.clock() or speech.sent < len(speech.audio)
 
     def _played_bytes(self, speech: Speech) -> int:
-        unplayed = max(0.0, self._play_end - self.clock()) * SAMPLE_RATE
+        """What the caller has heard by now: the playback clock, shifted by the playout lag
+        that returning marks reveal (network and the phone's jitter buffer)."""
+        unplayed = max(0.0, self._play_end + self._playout_lag - self.clock()) * SAMPLE_RATE
         return max(int(speech.sent - unplayed), 0)
 
     def _pause_for_barge_in(self, event: VADSpeechStart) -> None:
@@ -690,7 +704,7 @@ class CallSession:
         assert speech is not None
         played = self._played_bytes(speech)
         self._send_clear()
-        speech.sent = played  # rewind: the unplayed part is sent again if we resume
+        self._rewind(speech, played)
         self._play_end = self.clock()
         self._paused = True
         now = self.clock()
@@ -706,6 +720,13 @@ class CallSession:
         latency = max(now - onset_clock, 0.0)
         self.deps.metrics.barge_in_latency.observe(latency)
         self._event("barge_in", onset_s=round(event.onset, 3), latency_ms=round(latency * 1000, 1))
+
+    def _rewind(self, speech: Speech, position: int) -> None:
+        """Send again from `position`: Twilio dropped what was queued after it."""
+        speech.sent = max(min(position, speech.sent), 0)
+        for chunk in speech.chunks:
+            if chunk.end is not None and chunk.end > speech.sent and not chunk.acked:
+                chunk.mark_sent = False
 
     def _send_clear(self) -> None:
         self._generation += 1
@@ -727,6 +748,8 @@ class CallSession:
         self.deps.metrics.barge_ins.labels("resumed").inc()
         if barge_in is not None:
             self._event("barge_in_resumed", reason=why)
+            speech = barge_in.speech
+            self._rewind(speech, speech.sent - int(RESUME_BACKUP_S * SAMPLE_RATE))
         self._wake_pacer.set()
 
     def _interrupt_current(self, why: str, heard: str | None = None) -> None:
@@ -897,6 +920,7 @@ class CallSession:
         for chunk in speech.chunks:
             if chunk.end is not None and not chunk.mark_sent and speech.sent >= chunk.end:
                 chunk.mark_sent = True
+                chunk.due = self._play_end
                 await self._send(
                     json.dumps(
                         {
@@ -914,10 +938,17 @@ class CallSession:
         if speech is None or generation != str(self._generation):
             return  # a mark returned by a clear: its audio was discarded, not heard
         for chunk in speech.chunks:
-            if chunk.mark == mark:
+            if chunk.mark == mark and not chunk.acked:
                 chunk.acked = True
+                self._learn_lag(self.clock() - chunk.due)
         if speech.producer_done and all(c.acked for c in speech.chunks):
             speech.played.set()
+
+    def _learn_lag(self, sample: float) -> None:
+        # a returning mark overstates the lag by its trip back: resuming repeats a few
+        # milliseconds rather than skipping any
+        sample = min(max(sample, 0.0), MAX_PLAYOUT_LAG_S)
+        self._playout_lag = 0.7 * self._playout_lag + 0.3 * sample
 
     async def _send(self, text: str) -> None:
         try:

@@ -1,0 +1,171 @@
+"""End-to-end harness: the real service on a real port with the wire emulators (Deepgram,
+Ollama, Twilio REST) and scripted Twilio callers over real sockets.
+
+    with LiveStack(tmp_path, ollama={"replies": [...]}) as stack:
+        agent = await stack.create_agent(first_message="Hi!")
+        call_id, result = await stack.inbound_call(agent, [Say(1.0, speech("hello"))])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+from twilio.request_validator import RequestValidator
+
+from config import Settings
+from emulators.base import ThreadedServer
+from emulators.deepgram import DeepgramEmulator
+from emulators.ollama import OllamaEmulator
+from emulators.twilio_caller import Action, CallerResult, TwilioCaller, new_sid
+from emulators.twilio_rest import TwilioRestEmulator
+from main import create_app
+from tests.conftest import ACCOUNT_SID, API_KEY, AUTH_TOKEN, PUBLIC_BASE, make_settings
+
+AGENT_NUMBER = "+14155550100"
+CALLER_NUMBER = "+14155550199"
+
+
+class AppServer(ThreadedServer):
+    """The real FastAPI app under uvicorn in a thread, lifespan included."""
+
+    name = "ai-sdr"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.app = create_app(settings)
+        self._lifespan: Any = None
+
+    def build_app(self) -> Any:
+        return self.app
+
+    def start(self, timeout: float = 30.0) -> AppServer:
+        super().start(timeout)
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        self.run_in_loop(self._lifespan.__aenter__(), timeout=timeout)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._lifespan is not None and self.running:
+            self.run_in_loop(self._lifespan.__aexit__(None, None, None), timeout=timeout)
+            self._lifespan = None
+        super().stop(timeout)
+
+
+class LiveStack:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        deepgram: dict[str, Any] | None = None,
+        ollama: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> None:
+        self.deepgram = DeepgramEmulator(api_key="dg-test-key", **(deepgram or {}))
+        self.ollama = OllamaEmulator(**(ollama or {}))
+        self.twilio = TwilioRestEmulator(ACCOUNT_SID, AUTH_TOKEN)
+        self.tmp_path = tmp_path
+        self.extra_settings = settings
+        self.server: AppServer | None = None
+        self.settings: Settings | None = None
+
+    def __enter__(self) -> LiveStack:
+        for emulator in (self.deepgram, self.ollama, self.twilio):
+            emulator.start()
+        self.settings = make_settings(
+            self.tmp_path,
+            DEEPGRAM_BASE_URL=self.deepgram.url,
+            OLLAMA_HOST=self.ollama.url,
+            TWILIO_API_BASE_URL=self.twilio.url,
+            **self.extra_settings,
+        )
+        self.server = AppServer(self.settings).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None:
+            self.server.stop()
+        for emulator in (self.twilio, self.ollama, self.deepgram):
+            emulator.stop()
+
+    @property
+    def app(self) -> Any:
+        assert self.server is not None
+        return self.server.app
+
+    def api(self) -> httpx.AsyncClient:
+        assert self.server is not None
+        return httpx.AsyncClient(
+            base_url=self.server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
+        )
+
+    async def create_agent(self, **fields: Any) -> dict[str, Any]:
+        body = {
+            "name": "Live agent",
+            "phone_number": AGENT_NUMBER,
+            "first_message": "Hi, this is Acme. How can I help?",
+            "silence_timeout_seconds": 30,
+            **fields,
+        }
+        async with self.api() as http:
+            response = await http.post("/v1/agents", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    async def answer_inbound(self, call_sid: str) -> str:
+        """Twilio's voice webhook for an inbound call; returns our call id from the TwiML."""
+        params = {
+            "CallSid": call_sid,
+            "AccountSid": ACCOUNT_SID,
+            "From": CALLER_NUMBER,
+            "To": AGENT_NUMBER,
+            "CallStatus": "ringing",
+            "Direction": "inbound",
+        }
+        signature = RequestValidator(AUTH_TOKEN).compute_signature(
+            PUBLIC_BASE + "/twilio/voice", params
+        )
+        async with self.api() as http:
+            response = await http.post(
+                "/twilio/voice", data=params, headers={"X-Twilio-Signature": signature}
+            )
+        assert response.status_code == 200, response.text
+        match = re.search(r'<Parameter name="call_id" value="([^"]+)"', response.text)
+        assert match, response.text
+        return match.group(1)
+
+    def caller(self, call_id: str, timeline: list[Action], **kwargs: Any) -> TwilioCaller:
+        assert self.server is not None and self.settings is not None
+        return TwilioCaller(
+            self.server.ws_url + "/twilio/media",
+            timeline,
+            auth_token=AUTH_TOKEN,
+            signed_url=self.settings.media_stream_url,
+            account_sid=ACCOUNT_SID,
+            custom_parameters={"call_id": call_id},
+            **kwargs,
+        )
+
+    async def inbound_call(
+        self, timeline: list[Action], **caller_kwargs: Any
+    ) -> tuple[str, CallerResult]:
+        call_sid = caller_kwargs.pop("call_sid", None) or new_sid("CA")
+        call_id = await self.answer_inbound(call_sid)
+        result = await self.caller(call_id, timeline, call_sid=call_sid, **caller_kwargs).run()
+        return call_id, result
+
+    async def call_detail(self, call_id: str, *, settled: bool = True) -> dict[str, Any]:
+        """GET the call; with `settled`, wait until the pipeline has recorded its end."""
+        async with self.api() as http:
+            for _ in range(200):
+                body = (await http.get(f"/v1/calls/{call_id}")).json()
+                if not settled or body.get("ended_reason"):
+                    return body  # type: ignore[no-any-return]
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"call {call_id} never recorded its end: {body}")
+
+    def active_calls(self) -> int:
+        return len(self.app.state.calls.active)

@@ -1,0 +1,330 @@
+"""Scripted-timeline calls through the real server over real sockets, with the wire
+emulators for Deepgram, Ollama and Twilio."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import websockets
+
+from emulators.audio import synth_speech
+from emulators.deepgram import expected_tts_bytes
+from emulators.twilio_caller import Hangup, HangupAfterAgentAudio, SayAfterAgentAudio
+from tests.conftest import AUTH_TOKEN
+from tests.harness import LiveStack
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lines() -> dict[str, bytes]:
+    return {
+        "demo": synth_speech("Hi, I would like to book a demo of your product."),
+        "price": synth_speech("How much does the pro plan cost?"),
+        "bye": synth_speech("Thanks a lot goodbye"),
+        "wait": synth_speech("Wait, actually I have a question about that"),
+        "uhhuh": synth_speech("uh huh"),
+        "more": synth_speech("Tell me more please"),
+    }
+
+
+async def test_whole_call_greeting_two_exchanges_goodbye(tmp_path, lines):
+    replies = [
+        "Sure, I can help you book a demo. What day works for you?",
+        "The pro plan costs forty nine dollars a month.",
+        "You're welcome, goodbye!",
+    ]
+    with LiveStack(
+        tmp_path,
+        deepgram={
+            "listen_script": ["I would like to book a demo.", "How much is pro?", "Goodbye."]
+        },
+        ollama={"replies": replies},
+    ) as stack:
+        await stack.create_agent(end_call_phrases=["goodbye"])
+        call_id, result = await stack.inbound_call(
+            [
+                SayAfterAgentAudio(1, 0.4, lines["demo"], anchor="end"),
+                SayAfterAgentAudio(2, 0.4, lines["price"], anchor="end"),
+                SayAfterAgentAudio(3, 0.4, lines["bye"], anchor="end"),
+                Hangup(40.0),
+            ],
+            max_duration_s=45,
+        )
+        call = await stack.call_detail(call_id)
+
+    assert result.ended_by == "server", result
+    assert result.greeting_latency is not None and result.greeting_latency < 5
+    assert call["ended_reason"] == "assistant-ended-call"
+    assert call["status"] == "completed"
+    turns = [(t["role"], t["text"]) for t in call["turns"]]
+    assert turns == [
+        ("assistant", "Hi, this is Acme. How can I help?"),
+        ("user", "I would like to book a demo."),
+        ("assistant", replies[0]),
+        ("user", "How much is pro?"),
+        ("assistant", replies[1]),
+        ("user", "Goodbye."),
+        ("assistant", replies[2]),
+    ]
+    answers = [t for t in call["turns"] if t["role"] == "assistant"][1:]
+    for turn in answers:
+        assert not turn["interrupted"]
+        stages = [turn["stt_final_ms"], turn["llm_first_token_ms"], turn["tts_first_audio_ms"]]
+        assert all(v is not None for v in stages), turn
+        assert turn["stt_final_ms"] <= turn["llm_first_token_ms"] <= turn["tts_first_audio_ms"]
+        assert turn["tts_first_audio_ms"] <= turn["first_media_ms"]
+    assert not result.clears
+    assert stack.active_calls() == 0
+
+
+LONG_REPLY = (
+    "Our pricing has three plans. The starter plan is nineteen dollars a month for one user. "
+    "The pro plan is forty nine dollars a month and adds call recording and CRM sync. "
+    "The enterprise plan is custom priced and includes a dedicated success manager."
+)
+
+
+def _answers(call: dict) -> list[dict]:
+    return [t for t in call["turns"] if t["role"] == "assistant"]
+
+
+async def test_barge_in_cuts_the_turn_to_what_was_heard(tmp_path, lines):
+    with LiveStack(
+        tmp_path,
+        deepgram={"listen_script": ["Tell me about pricing.", "Wait, I have a question."]},
+        ollama={"replies": [LONG_REPLY, "Sure, what is your question?"]},
+    ) as stack:
+        await stack.create_agent()
+        call_id, result = await stack.inbound_call(
+            [
+                SayAfterAgentAudio(1, 0.4, lines["more"], anchor="end"),
+                SayAfterAgentAudio(2, 2.0, lines["wait"]),
+                HangupAfterAgentAudio(3, 0.5, anchor="end"),
+                Hangup(40.0),
+            ],
+            max_duration_s=45,
+        )
+        call = await stack.call_detail(call_id)
+
+    interrupted = _answers(call)[1]
+    assert interrupted["interrupted"] is True
+    heard = interrupted["text"]
+    assert heard and LONG_REPLY.startswith(heard) and len(heard) < len(LONG_REPLY) / 2
+    # what the caller's playout actually played of that answer, in characters of speech
+    spoken = result.talkspurts[1].bytes / 8000 / 0.065
+    assert abs(len(heard) - spoken) < 15, (heard, spoken)
+    # Twilio clear came after the agent's media and before the caller finished talking
+    (barge_in,) = [b for b in result.barge_in_latencies() if b is not None]
+    assert barge_in > 0
+    assert result.clears[0] > result.talkspurts[1].start
+    assert result.bytes_discarded > 0
+    # the caller's words became the next user turn and the next answer started
+    roles = [(t["role"], t["text"]) for t in call["turns"]]
+    assert roles[-2:] == [
+        ("user", "Wait, I have a question."),
+        ("assistant", "Sure, what is your question?"),
+    ]
+    assert len(result.talkspurts) >= 3
+
+
+async def test_backchannel_does_not_interrupt(tmp_path, lines):
+    with LiveStack(
+        tmp_path,
+        deepgram={"listen_script": ["Tell me about pricing.", "uh-huh"]},
+        ollama={"replies": [LONG_REPLY, "Anything else?"]},
+    ) as stack:
+        await stack.create_agent()
+        call_id, result = await stack.inbound_call(
+            [
+                SayAfterAgentAudio(1, 0.4, lines["more"], anchor="end"),
+                SayAfterAgentAudio(2, 2.5, lines["uhhuh"]),
+                Hangup(28.0),
+            ],
+            max_duration_s=45,
+        )
+        call = await stack.call_detail(call_id)
+
+    answer = _answers(call)[1]
+    assert answer["interrupted"] is False
+    assert answer["text"] == LONG_REPLY
+    assert [t["text"] for t in call["turns"] if t["role"] == "user"] == ["Tell me about pricing."]
+    # every byte of the answer reached the caller's ear, none was skipped
+    heard = sum(t.bytes for t in result.talkspurts[1:])
+    assert heard >= expected_tts_bytes(LONG_REPLY) - 800
+
+
+async def test_caller_hangs_up_mid_answer(tmp_path, lines):
+    with LiveStack(
+        tmp_path,
+        deepgram={"listen_script": ["Tell me about pricing."]},
+        ollama={"replies": [LONG_REPLY], "tokens_per_s": 6},
+    ) as stack:
+        await stack.create_agent()
+        baseline = stack.server.run_in_loop(_live_tasks())
+        call_id, result = await stack.inbound_call(
+            [
+                SayAfterAgentAudio(1, 0.4, lines["more"], anchor="end"),
+                HangupAfterAgentAudio(2, 1.0),
+                Hangup(30.0),
+            ],
+            max_duration_s=35,
+        )
+        call = await stack.call_detail(call_id)
+        for _ in range(100):
+            if stack.server.run_in_loop(_live_tasks()) <= baseline:
+                break
+            await asyncio.sleep(0.05)
+        assert stack.server.run_in_loop(_live_tasks()) <= baseline
+        assert stack.active_calls() == 0
+        for _ in range(100):
+            if stack.ollama.cancellations:
+                break
+            await asyncio.sleep(0.05)
+        assert stack.ollama.cancellations >= 1  # generation stopped at the server
+
+    assert result.ended_by == "hangup"
+    assert call["ended_reason"] == "customer-ended-call"
+    answer = _answers(call)[1]
+    assert answer["interrupted"] is True
+    assert LONG_REPLY.startswith(answer["text"]) and len(answer["text"]) < len(LONG_REPLY)
+
+
+async def _live_tasks() -> int:
+    return len([t for t in asyncio.all_tasks() if not t.done()])
+
+
+async def test_deepgram_drop_mid_call_then_recovery(tmp_path, lines):
+    with LiveStack(
+        tmp_path,
+        deepgram={"listen_script": ["Tell me about pricing.", "Tell me more."]},
+        ollama={"replies": ["Sure, we have three plans.", "The pro plan adds recording."]},
+    ) as stack:
+        await stack.create_agent()
+
+        async def drop_after_first_answer() -> None:
+            for _ in range(400):
+                if len(stack.ollama.requests) >= 1:
+                    break
+                await asyncio.sleep(0.05)
+            stack.deepgram.drop_listen_connections()
+
+        dropper = asyncio.create_task(drop_after_first_answer())
+        call_id, result = await stack.inbound_call(
+            [
+                SayAfterAgentAudio(1, 0.4, lines["more"], anchor="end"),
+                SayAfterAgentAudio(2, 1.0, lines["more"], anchor="end"),
+                HangupAfterAgentAudio(3, 0.5, anchor="end"),
+                Hangup(30.0),
+            ],
+            max_duration_s=35,
+        )
+        await dropper
+        call = await stack.call_detail(call_id)
+        assert stack.deepgram.listen_connects >= 2
+
+    assert [t["text"] for t in _answers(call)][1:] == [
+        "Sure, we have three plans.",
+        "The pro plan adds recording.",
+    ]
+
+
+async def test_ollama_error_speaks_the_fallback_and_the_call_goes_on(tmp_path, lines):
+    fallback = "Sorry, I did not catch that. Could you repeat it?"
+    with LiveStack(
+        tmp_path,
+        deepgram={"listen_script": ["Tell me about pricing.", "Tell me about pricing."]},
+        ollama={"replies": ["We have three plans.", "We have three plans."]},
+    ) as stack:
+        await stack.create_agent(fallback_line=fallback)
+        stack.ollama.set_fault("http500", count=1)
+        call_id, result = await stack.inbound_call(
+            [
+                SayAfterAgentAudio(1, 0.4, lines["more"], anchor="end"),
+                SayAfterAgentAudio(2, 0.4, lines["more"], anchor="end"),
+                HangupAfterAgentAudio(3, 0.5, anchor="end"),
+                Hangup(30.0),
+            ],
+            max_duration_s=35,
+        )
+        call = await stack.call_detail(call_id)
+        assert fallback in stack.deepgram.speak_texts
+
+    assert [t["text"] for t in _answers(call)][1:] == [fallback, "We have three plans."]
+    assert len(result.talkspurts) == 3
+    assert call["ended_reason"] == "customer-ended-call"
+
+
+async def test_malformed_frames_are_survived(tmp_path):
+    with LiveStack(tmp_path) as stack:
+        await stack.create_agent()
+        call_id = await stack.answer_inbound("CA" + "f" * 32)
+        headers = {"X-Twilio-Signature": caller_signature(stack)}
+        url = stack.server.ws_url + "/twilio/media"
+        async with websockets.connect(url, additional_headers=headers) as ws:
+            await ws.send('{"event":"mark","mark":{"name":"early"}}')  # out of order
+            await ws.send(json.dumps({"event": "connected", "protocol": "Call"}))
+            await ws.send(json.dumps(_start(call_id)))
+            for junk in [
+                "not json",
+                "[1, 2]",
+                '{"event":"media","media":{"payload":"%%%not-base64"}}',
+                '{"event":"media","media":"oops"}',
+                '{"event":"dtmf","dtmf":{}}',
+                '{"event":"something-new"}',
+                json.dumps({"event": "media", "media": {"payload": "A" * 200_000}}),
+            ]:
+                await ws.send(junk)
+            got_media = False
+            async with asyncio.timeout(10):
+                while not got_media:
+                    message = json.loads(await ws.recv())
+                    got_media = message.get("event") == "media"
+            await ws.send(json.dumps({"event": "stop", "stop": {}}))
+        call = await stack.call_detail(call_id)
+        async with stack.api() as http:
+            assert (await http.get("/health")).status_code == 200
+            metrics = (await http.get("/metrics")).text
+
+    assert call["ended_reason"] == "customer-ended-call"
+    # not JSON, not an object, bad base64, oversize; unknown events are ignored silently
+    assert "aisdr_malformed_messages_total 4.0" in metrics
+
+
+async def test_media_stream_with_a_forged_signature_is_closed_1008(tmp_path):
+    with LiveStack(tmp_path) as stack:
+        await stack.create_agent()
+        call_id = await stack.answer_inbound("CA" + "e" * 32)
+        url = stack.server.ws_url + "/twilio/media"
+        ws = await websockets.connect(url, additional_headers={"X-Twilio-Signature": "x"})
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.send(json.dumps(_start(call_id)))
+            await ws.recv()
+        await ws.close()
+        assert closed.value.rcvd.code == 1008
+        call = await stack.call_detail(call_id, settled=False)
+        assert call["status"] == "ringing" and call["started_at"] is None
+
+
+def caller_signature(stack: LiveStack) -> str:
+    from twilio.request_validator import RequestValidator
+
+    return RequestValidator(AUTH_TOKEN).compute_signature(stack.settings.media_stream_url, {})
+
+
+def _start(call_id: str) -> dict:
+    return {
+        "event": "start",
+        "sequenceNumber": "1",
+        "streamSid": "MZ" + "0" * 32,
+        "start": {
+            "streamSid": "MZ" + "0" * 32,
+            "accountSid": "AC" + "1" * 32,
+            "callSid": "CA" + "f" * 32,
+            "tracks": ["inbound"],
+            "customParameters": {"call_id": call_id},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        },
+    }
