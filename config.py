@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     CHROMA_PORT: int = 8000
     EMBEDDING_MODEL_PATH: str = ""
     KNOWLEDGE_TOP_K: int = 3
-    KNOWLEDGE_MIN_SIMILARITY: float = 0.3
+    KNOWLEDGE_MIN_SIMILARITY: float = 0.25
     MAX_DOCUMENT_BYTES: int = 10 * 1024 * 1024
 
     # --- webhooks and tools -------------------------------------------------------------
