@@ -78,6 +78,26 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal server error")
 
 
+class BodySizeLimit:
+    """Refuses requests whose declared body is larger than `max_bytes` with a 413, before
+    anything reads the body."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > self.max_bytes:
+                message = f"request body larger than {self.max_bytes} bytes"
+                if not length.isdigit():
+                    message = "invalid Content-Length header"
+                response = error_response(413 if length.isdigit() else 400, "too_large", message)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(APIError, _api_error_handler)

@@ -17,12 +17,14 @@ from fastapi import FastAPI, Request, Response
 
 import routes_twilio
 import routes_v1
+import routes_webhooks
 from call_store import SqlCallStore
 from config import Settings
 from db import Database
-from errors import install_error_handlers
+from errors import BodySizeLimit, install_error_handlers
 from llm_ollama import OllamaLLM
 from metrics import PipelineMetrics
+from post_call import PostCall
 from stt_deepgram import DeepgramSTT
 from telephony import TwilioGateway
 from tts_deepgram import DeepgramTTS
@@ -44,8 +46,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.TWILIO_ACCOUNT_SID, settings.TWILIO_AUTH_TOKEN, settings.TWILIO_API_BASE_URL
         )
         llm, tts = OllamaLLM(settings), DeepgramTTS(settings)
+        post_call = PostCall(settings, database.sessionmaker, llm, twilio)
+        app.state.post_call, app.state.call_hook = post_call, post_call.hook
         store = SqlCallStore(
             database.sessionmaker,
+            post_call.hook,
             default_model=settings.OLLAMA_MODEL,
             fallback_line=settings.LLM_FALLBACK_LINE,
         )
@@ -63,9 +68,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 vad_threshold=settings.VAD_THRESHOLD,
             )
         )
+        await post_call.start()
         try:
             yield
         finally:
+            await post_call.aclose()
             await twilio.aclose()
             await llm.aclose()
             await tts.aclose()
@@ -75,6 +82,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = PipelineMetrics()
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_REQUEST_BYTES)
+    # before routes_v1: /v1/calls/export must not be taken for /v1/calls/{call_id}
+    app.include_router(routes_webhooks.router)
     app.include_router(routes_v1.router)
     app.include_router(routes_twilio.router)
 

@@ -94,3 +94,22 @@ async def test_health_reports_dependencies(client):
     assert body["status"] == "ok"
     assert body["checks"]["database"] == "ok"
     assert body["checks"]["twilio"] == "configured"
+
+
+async def test_oversize_body_is_refused_before_reading(tmp_path):
+    from main import create_app
+    from tests.conftest import API_KEY, make_settings
+
+    app = create_app(make_settings(tmp_path, MAX_REQUEST_BYTES=1000))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://testserver",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as http,
+    ):
+        response = await http.post("/v1/agents", json={"name": "x", "system_prompt": "y" * 2000})
+        assert response.status_code == 413
+        assert "1000 bytes" in response.json()["error"]["message"]
+        assert (await http.get("/v1/agents")).json()["total"] == 0

@@ -212,7 +212,7 @@ async def test_deepgram_drop_mid_call_then_recovery(tmp_path, lines):
             stack.deepgram.drop_listen_connections()
 
         dropper = asyncio.create_task(drop_after_first_answer())
-        call_id, result = await stack.inbound_call(
+        call_id, _ = await stack.inbound_call(
             [
                 SayAfterAgentAudio(1, 0.4, lines["more"], anchor="end"),
                 SayAfterAgentAudio(2, 1.0, lines["more"], anchor="end"),
@@ -328,3 +328,55 @@ def _start(call_id: str) -> dict:
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
         },
     }
+
+
+async def test_silence_reprompts_once_then_says_goodbye_and_hangs_up(tmp_path):
+    from voice_pipeline import REPROMPT_LINE, SILENCE_GOODBYE
+
+    with LiveStack(tmp_path) as stack:
+        await stack.create_agent(silence_timeout_seconds=2)
+        call_id, result = await stack.inbound_call([Hangup(30.0)], max_duration_s=35)
+        call = await stack.call_detail(call_id)
+        spoken = stack.deepgram.speak_texts
+
+    assert result.ended_by == "server"
+    assert call["ended_reason"] == "silence-timeout"
+    assert spoken[1:] == [REPROMPT_LINE, SILENCE_GOODBYE]
+    assert len(result.talkspurts) == 3  # greeting, reprompt, goodbye: all played in full
+    assert result.bytes_discarded == 0
+
+
+async def test_max_call_seconds_ends_the_call_politely(tmp_path):
+    from voice_pipeline import MAX_DURATION_GOODBYE
+
+    with LiveStack(tmp_path) as stack:
+        await stack.create_agent(max_call_seconds=10)
+        call_id, result = await stack.inbound_call([Hangup(30.0)], max_duration_s=35)
+        call = await stack.call_detail(call_id)
+        assert MAX_DURATION_GOODBYE in stack.deepgram.speak_texts
+
+    assert call["ended_reason"] == "max-duration"
+    assert result.ended_by == "server"
+    assert 10 <= result.duration < 30
+
+
+async def test_dtmf_digits_reach_the_llm_as_caller_input(tmp_path):
+    from emulators.twilio_caller import Dtmf
+
+    with LiveStack(tmp_path, ollama={"replies": ["You chose option forty two."]}) as stack:
+        await stack.create_agent()
+        call_id, _ = await stack.inbound_call(
+            [
+                Dtmf(3.0, "4"),
+                Dtmf(3.2, "2"),
+                Dtmf(3.4, "#"),
+                HangupAfterAgentAudio(2, 0.3, "end"),
+                Hangup(20),
+            ],
+            max_duration_s=25,
+        )
+        call = await stack.call_detail(call_id)
+        (request,) = stack.ollama.request_bodies
+
+    assert "pressed the keypad: 42" in request["messages"][-1]["content"]
+    assert [t["text"] for t in _answers(call)][1:] == ["You chose option forty two."]
