@@ -307,3 +307,67 @@ class ErrorResponse(BaseModel):
 
 def is_valid_tool_name(name: str) -> bool:
     return re.match(TOOL_NAME, name) is not None
+
+
+# --- knowledge base and bookings --------------------------------------------------------
+
+
+class DocumentText(Strict):
+    """A document sent as JSON instead of a file upload."""
+
+    text: Annotated[str, StringConstraints(min_length=1)]
+    filename: Annotated[str, StringConstraints(strip_whitespace=True, max_length=300)] | None = None
+    title: Annotated[str, StringConstraints(strip_whitespace=True, max_length=300)] | None = None
+
+
+class DocumentRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    agent_id: str
+    filename: str
+    title: str | None
+    content_type: str
+    size_bytes: int
+    sha256: str
+    chunk_count: int
+    created_at: datetime
+
+
+class KnowledgeSearch(Strict):
+    query: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+    top_k: int | None = Field(default=None, ge=1, le=50)
+    min_similarity: float | None = Field(default=None, ge=-1, le=1)
+
+
+class PassageRead(BaseModel):
+    text: str
+    source: str
+    heading: str
+    document_id: str
+    chunk_index: int
+    similarity: float
+
+
+class KnowledgeSearchResult(BaseModel):
+    query: str
+    passages: list[PassageRead]
+    context: str
+    """The passages exactly as the pipeline puts them in the LLM context."""
+
+
+class BookingRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    agent_id: str
+    call_id: str | None
+    start_at: datetime
+    end_at: datetime
+    timezone: str
+    attendee_name: str | None
+    attendee_phone: str | None
+    attendee_email: str | None
+    notes: str | None
+    status: str
+    created_at: datetime
