@@ -20,7 +20,7 @@ Audio everywhere is G.711 mu-law, 8 kHz, mono, as Twilio sends it: no resampling
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -143,7 +143,7 @@ class LLMProvider(Protocol):
         model: str,
         temperature: float,
         tools: list[dict[str, Any]] | None = None,
-    ) -> AsyncIterator[LLMDelta]:
+    ) -> AsyncGenerator[LLMDelta, None]:
         """An async generator of deltas. Use it inside `contextlib.aclosing` so that
         cancellation closes the HTTP stream and the server stops generating."""
         ...
@@ -160,6 +160,6 @@ class LLMProvider(Protocol):
 
 
 class TTSProvider(Protocol):
-    def synthesize(self, text: str, *, voice: str) -> AsyncIterator[bytes]:
+    def synthesize(self, text: str, *, voice: str) -> AsyncGenerator[bytes, None]:
         """An async generator of raw mu-law 8 kHz audio chunks for `text`."""
         ...

@@ -433,7 +433,8 @@ class CallSession:
                 self._stt = stt
                 await self._run_loops()
         except* _CallEnded as ended:
-            self.ended_reason = ended.exceptions[0].reason  # type: ignore[attr-defined]
+            first = ended.exceptions[0]
+            self.ended_reason = first.reason if isinstance(first, _CallEnded) else "error"
         except* STTError:
             log.warning("call %s: transcription failed for good", self.config.call_id)
             self.ended_reason = "error"
@@ -527,19 +528,21 @@ class CallSession:
 
     def _parse(self, text: str) -> dict[str, Any] | None:
         if len(text) > MAX_MESSAGE_CHARS:
-            return self._malformed("oversize message")
+            self._malformed("oversize message")
+            return None
         try:
             message = json.loads(text)
         except ValueError:
-            return self._malformed("invalid JSON")
+            self._malformed("invalid JSON")
+            return None
         if not isinstance(message, dict):
-            return self._malformed("not a JSON object")
+            self._malformed("not a JSON object")
+            return None
         return message
 
     def _malformed(self, why: str) -> None:
         self.deps.metrics.malformed_messages.inc()
         log.warning("call %s: ignored media stream message (%s)", self.config.call_id, why)
-        return None
 
     def _on_media(self, message: dict[str, Any]) -> None:
         media = message.get("media")
