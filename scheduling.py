@@ -175,7 +175,15 @@ def local_iso(moment: datetime, calendar: CalendarSettings) -> str:
 
 def spoken_time(moment: datetime, calendar: CalendarSettings) -> str:
     """'Monday, May 4 at 10 AM' / '... at 2:30 PM', for text-to-speech."""
-    local = moment.astimezone(zone(calendar))
+    return spoken_in(moment, calendar.timezone)
+
+
+def spoken_in(moment: datetime, timezone: str) -> str:
+    """`spoken_time` for an IANA timezone name (UTC when unknown)."""
+    try:
+        local = moment.astimezone(ZoneInfo(timezone))
+    except (ValueError, KeyError):
+        local = moment.astimezone(UTC)
     hour = local.hour % 12 or 12
     clock = f"{hour}" if local.minute == 0 else f"{hour}:{local.minute:02d}"
     return f"{local:%A}, {local:%B} {local.day} at {clock} {'AM' if local.hour < 12 else 'PM'}"

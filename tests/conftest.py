@@ -38,6 +38,15 @@ async def fail_on_leaked_tasks() -> AsyncIterator[None]:
     assert not leaked, f"test leaked tasks: {[t.get_coro() for t in leaked]}"
 
 
+@pytest.fixture(scope="session")
+def embedding_model() -> None:
+    """Loads the MiniLM model once for the session (seconds); every KnowledgeBase, and every
+    app's knowledge base, shares it."""
+    import knowledge_chroma
+
+    knowledge_chroma.embed(["warm up"])
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "ENVIRONMENT": "test",

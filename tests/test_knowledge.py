@@ -100,12 +100,6 @@ def _settings(tmp_path: Path) -> Settings:
     return Settings(_env_file=None, CHROMA_PATH=tmp_path / "chroma", CHROMA_HOST="")  # type: ignore[call-arg]
 
 
-@pytest.fixture(scope="session")
-def embedding_model() -> None:
-    """Loads the MiniLM model once for the session (seconds); every KnowledgeBase shares it."""
-    knowledge_chroma.embed(["warm up"])
-
-
 @pytest.fixture
 def kb(tmp_path: Path, embedding_model: None) -> Iterator[KnowledgeBase]:
     knowledge_base = KnowledgeBase(_settings(tmp_path), write_batch_size=4)
