@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +86,13 @@ class LiveStack:
         self.server = AppServer(self.settings).start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self.server is not None:
-            self.server.stop()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None and self.server is not None:
+                self.assert_no_call_tasks()
+        finally:
+            if self.server is not None:
+                self.server.stop()
         for emulator in (self.twilio, self.ollama, self.deepgram):
             emulator.stop()
 
@@ -169,3 +174,28 @@ class LiveStack:
 
     def active_calls(self) -> int:
         return len(self.app.state.calls.active)
+
+    def call_tasks(self) -> list[str]:
+        """Tasks on the server loop still running code of a call (pipeline or adapters)."""
+        assert self.server is not None
+        return self.server.run_in_loop(_call_tasks())
+
+    def assert_no_call_tasks(self, grace_s: float = 2.0) -> None:
+        """Fails if a finished call left a task behind (checked when the stack closes)."""
+        deadline = time.monotonic() + grace_s
+        while (leaked := self.call_tasks()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.active_calls() == 0:
+            assert not leaked, f"calls leaked tasks: {leaked}"
+
+
+_CALL_MODULES = ("voice_pipeline.py", "stt_deepgram.py", "tts_deepgram.py", "llm_ollama.py")
+
+
+async def _call_tasks() -> list[str]:
+    leaked = []
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        if not task.done() and code is not None and code.co_filename.endswith(_CALL_MODULES):
+            leaked.append(code.co_qualname)
+    return leaked
