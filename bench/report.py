@@ -1,0 +1,292 @@
+"""Figures from a benchmark run: per-stage latency percentiles from the server's turn
+records, voice-to-voice / barge-in / greeting / pacing from the callers' ears, false
+interruptions, and the server's CPU and memory per call. Pure functions over recorded data.
+
+Definitions (all times in ms):
+
+- server stages: the turn fields of GET /v1/calls/{id}, each measured by the pipeline from
+  the caller's end of speech (Silero VAD's estimate, mapped onto the server clock).
+- pipeline overhead, per answer: first_media_ms - stt_final_ms - TTFT - first-chunk
+  generation - TTS first byte, where stt_final_ms is measured (it includes the turn-detection
+  wait) and the rest are the emulators' configured delays; it splits exactly into
+    llm_leg   = llm_first_token_ms - stt_final_ms - TTFT
+    tts_leg   = tts_first_audio_ms - llm_first_token_ms - first_chunk - TTS first byte
+    pacer_leg = first_media_ms - tts_first_audio_ms
+  so anything the service (or the emulators' scheduling, or the loopback) adds is counted.
+- voice-to-voice: the caller's last speech sample -> first agent audio it hears.
+- pacing: each outbound frame's lateness against the pacer's schedule (it plays at
+  max(arrival, end of buffered audio); once the pacer has filled its lead, a frame is due
+  LEAD_S before it plays). Jitter is the change in lateness between consecutive
+  clock-paced frames (= inter-arrival deviation from the frame length); an underrun is a
+  frame that arrives after the caller's buffer ran dry, within a continuing answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bench.load import CallOutcome
+from bench.script import BACKCHANNEL, BARGE_IN, CallScript, Providers
+from emulators.twilio_caller import CallerResult
+from voice_pipeline import LEAD_S
+
+STAGES = ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_media_ms")
+FRAME_S = 0.02
+CONTINUING_GAP_S = 1.0
+"""A dry buffer shorter than this, with no clear in between, is an underrun inside an
+answer; longer gaps are between turns (the caller speaks for a second or more)."""
+
+
+def percentiles(values: Iterable[float | None]) -> dict[str, float | int | None]:
+    """n, p50, p95, p99, max (linear interpolation); None when there are no samples."""
+    data = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if data.size == 0:
+        return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None}
+    p50, p95, p99 = np.percentile(data, [50, 95, 99])
+    return {
+        "n": int(data.size),
+        "p50": round(float(p50), 1),
+        "p95": round(float(p95), 1),
+        "p99": round(float(p99), 1),
+        "max": round(float(data.max()), 1),
+    }
+
+
+# --- server turns -------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """One agent answer (not the greeting) with the reply it was scripted to be."""
+
+    turn: dict[str, Any]
+    reply: str
+    index: int
+
+
+def answers(outcome: CallOutcome, script: CallScript) -> list[Answer]:
+    turns = [t for t in outcome.detail.get("turns", []) if t["role"] == "assistant"]
+    out = []
+    for i, turn in enumerate(t for t in turns if t.get("stt_final_ms") is not None):
+        reply = script.replies[i] if i < len(script.replies) else ""
+        out.append(Answer(turn, reply, i))
+    return out
+
+
+def overhead(answer: Answer, providers: Providers) -> dict[str, float] | None:
+    t = answer.turn
+    if any(t.get(stage) is None for stage in STAGES) or not answer.reply:
+        return None
+    llm = t["llm_first_token_ms"] - t["stt_final_ms"] - providers.llm_ttft_ms
+    tts = (
+        t["tts_first_audio_ms"]
+        - t["llm_first_token_ms"]
+        - providers.first_chunk_ms(answer.reply)
+        - providers.tts_first_byte_ms
+    )
+    pacer = t["first_media_ms"] - t["tts_first_audio_ms"]
+    return {"total": llm + tts + pacer, "llm_leg": llm, "tts_leg": tts, "pacer_leg": pacer}
+
+
+def server_figures(
+    outcomes: list[CallOutcome], script: CallScript, providers: Providers
+) -> dict[str, Any]:
+    all_answers = [a for o in outcomes for a in answers(o, script)]
+    stages = {s: percentiles(a.turn.get(s) for a in all_answers) for s in STAGES}
+    stages["retrieval_ms"] = percentiles(a.turn.get("retrieval_ms") for a in all_answers)
+    legs = [o for a in all_answers if (o := overhead(a, providers)) is not None]
+    over = {k: percentiles(leg[k] for leg in legs) for k in ("total", "llm_leg", "tts_leg")}
+    over["pacer_leg"] = percentiles(leg["pacer_leg"] for leg in legs)
+    detect = percentiles(
+        a.turn["stt_final_ms"] - providers.stt_final_ms
+        for a in all_answers
+        if a.turn.get("stt_final_ms") is not None
+    )
+    return {
+        "stages": stages,
+        "turn_detection_ms": detect,
+        "overhead": over,
+        "answers": len(all_answers),
+    }
+
+
+# --- callers --------------------------------------------------------------------------------
+
+
+def _segment_values(result: CallerResult, values: list[float | None], labels: Iterable[str]):
+    wanted = set(labels)
+    return [
+        None if v is None else v * 1000
+        for seg, v in zip(result.speech, values, strict=True)
+        if seg.label in wanted
+    ]
+
+
+def pacing(result: CallerResult) -> dict[str, list[float]]:
+    """Lateness, jitter and underruns of the outbound audio, replaying the caller's playout.
+
+    A run of audio starts when it arrives to an empty buffer or after a clear; it is paced
+    by the clock once the caller has held LEAD_S (less a frame) of it. From then on each
+    frame is due LEAD_S before it plays; lateness and jitter are measured on those frames."""
+    clears = sorted(result.clears)
+    play_end, prev_arrival, steady = 0.0, -math.inf, False
+    prev_late: float | None = None
+    late, jitter, underruns = [], [], []
+    for arrival, size in result.media:
+        if clears and clears[0] <= arrival:
+            while clears and clears[0] <= arrival:
+                play_end = min(play_end, clears.pop(0))
+            prev_arrival = -math.inf
+        if arrival >= play_end:
+            if arrival - prev_arrival < CONTINUING_GAP_S:
+                underruns.append((arrival - play_end) * 1000)
+            steady, prev_late = False, None
+        start = max(arrival, play_end)
+        if steady:
+            lateness = arrival - (start - LEAD_S)
+            late.append(max(lateness, 0.0) * 1000)
+            if prev_late is not None:
+                jitter.append(abs(lateness - prev_late) * 1000)
+            prev_late = lateness
+        steady = steady or start - arrival >= LEAD_S - FRAME_S
+        play_end = start + size / 8000
+        prev_arrival = arrival
+    return {"lateness": late, "jitter": jitter, "underruns": underruns}
+
+
+def _resume_gap(result: CallerResult, clear_at: float) -> float | None:
+    """From a clear to the next agent audio that arrives (a resumed answer)."""
+    nxt = next((t for t, _ in result.media if t > clear_at), None)
+    return None if nxt is None else (nxt - clear_at) * 1000
+
+
+def backchannel_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str, Any]:
+    """False interruptions (server turns) and backchannel pauses (caller clears)."""
+    if BACKCHANNEL not in script.lines:
+        return {"calls": 0, "false_interruptions": 0, "pauses": 0, "pause_ms": percentiles([])}
+    false_calls, pauses, pause_ms, checked = [], 0, [], 0
+    for outcome in outcomes:
+        spoke = [s for s in outcome.caller.speech if s.label == BACKCHANNEL.label]
+        if not spoke or not outcome.detail:
+            continue
+        checked += 1
+        if _false_interruption(outcome, script):
+            false_calls.append(outcome.call_id)
+        latencies = outcome.caller.barge_in_latencies()
+        index = outcome.caller.speech.index(spoke[0])
+        if latencies[index] is not None:
+            pauses += 1
+            pause_ms.append(_resume_gap(outcome.caller, spoke[0].start + latencies[index]))
+    return {
+        "calls": checked,
+        "false_interruptions": len(false_calls),
+        "false_interruption_calls": false_calls[:10],
+        "pauses": pauses,
+        "pause_ms": percentiles(pause_ms),
+    }
+
+
+def _false_interruption(outcome: CallOutcome, script: CallScript) -> bool:
+    """The backchannel became a user turn, or the answer it was said over was cut."""
+    turns = outcome.detail.get("turns", [])
+    if any(t["role"] == "user" and t["text"] == BACKCHANNEL.transcript for t in turns):
+        return True
+    over = next((a for a in answers(outcome, script) if a.index == 0), None)
+    return over is None or bool(over.turn["interrupted"]) or over.turn["text"] != over.reply
+
+
+def caller_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str, Any]:
+    results = [o.caller for o in outcomes]
+    v2v, after_barge, barge, missed = [], [], [], 0
+    late, jitter, underruns = [], [], []
+    for r in results:
+        v2v += _segment_values(r, r.turn_latencies(), script.normal_turns)
+        after_barge += _segment_values(r, r.turn_latencies(), [BARGE_IN.label])
+        hits = _segment_values(r, r.barge_in_latencies(), [BARGE_IN.label])
+        missed += sum(1 for h in hits if h is None)
+        barge += hits
+        p = pacing(r)
+        late, jitter, underruns = (
+            late + p["lateness"],
+            jitter + p["jitter"],
+            underruns + p["underruns"],
+        )
+    return {
+        "greeting_ms": percentiles(
+            None if r.greeting_latency is None else r.greeting_latency * 1000 for r in results
+        ),
+        "voice_to_voice_ms": percentiles(v2v),
+        "voice_to_voice_after_barge_in_ms": percentiles(after_barge),
+        "barge_in_ms": percentiles(barge),
+        "barge_in_missed": missed,
+        "frame_lateness_ms": percentiles(late),
+        "jitter_ms": percentiles(jitter),
+        "underruns": len(underruns),
+        "underrun_ms": percentiles(underruns),
+        "frames_received": sum(len(r.media) for r in results),
+    }
+
+
+# --- calls and resources ----------------------------------------------------------------------
+
+
+def call_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str, Any]:
+    """How the calls went: ended as scripted, errors, peak concurrency."""
+    completed = sum(1 for o in outcomes if _completed(o, script))
+    ended: dict[str, int] = {}
+    for o in outcomes:
+        ended[o.caller.ended_by or "none"] = ended.get(o.caller.ended_by or "none", 0) + 1
+    errors = [o.error or "; ".join(o.caller.errors) for o in outcomes if o.error or o.caller.errors]
+    return {
+        "placed": len(outcomes),
+        "completed": completed,
+        "ended_by": ended,
+        "errors": errors[:10],
+        "peak_concurrent": peak_concurrency(o.caller for o in outcomes),
+        "call_seconds": round(sum(o.caller.duration for o in outcomes), 1),
+    }
+
+
+def _completed(outcome: CallOutcome, script: CallScript) -> bool:
+    """The caller hung up after hearing an answer to each of its turns."""
+    r = outcome.caller
+    return (
+        not outcome.error
+        and r.ended_by == "hangup"
+        and len(answers(outcome, script)) == len(script.replies)
+        and outcome.detail.get("ended_reason") == "customer-ended-call"
+    )
+
+
+def peak_concurrency(results: Iterable[CallerResult]) -> int:
+    edges = []
+    for r in results:
+        if r.started_at:
+            edges += [(r.started_at, 1), (r.started_at + r.duration, -1)]
+    level = peak = 0
+    for _, step in sorted(edges):
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+def resource_figures(
+    cpu_s: float, call_seconds: float, idle_rss: int, peak_rss: int, calls: int
+) -> dict[str, Any]:
+    """Server CPU per call-minute, calls per core, and RSS per concurrent call."""
+    per_minute = cpu_s / (call_seconds / 60) if call_seconds else None
+    fraction = None if per_minute is None else per_minute / 60
+    return {
+        "server_cpu_s": round(cpu_s, 2),
+        "cpu_s_per_call_minute": None if per_minute is None else round(per_minute, 3),
+        "cpu_fraction_per_call": None if fraction is None else round(fraction, 5),
+        "calls_per_core": None if not fraction else round(1 / fraction, 1),
+        "idle_rss_mb": round(idle_rss / 2**20, 1),
+        "peak_rss_mb": round(peak_rss / 2**20, 1),
+        "rss_per_call_mb": round((peak_rss - idle_rss) / 2**20 / max(calls, 1), 3),
+    }

@@ -1,0 +1,177 @@
+"""One benchmark run against a started BenchStack: an optional warm-up call, the idle
+reading, N concurrent call slots for the duration while the server's memory is sampled,
+then the report dict (figures, resources, targets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.load import LoadPlan, api_client, create_agent, read_metrics, run_load
+from bench.script import GREETING, SCRIPTS, CallScript, Providers
+from bench.stack import BenchStack, ProcSample, proc_sample
+from bench.targets import evaluate
+
+DROPPED = "aisdr_inbound_frames_dropped_total"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    calls: int
+    duration_s: float
+    stagger_s: float = 0.05
+    script: str = "full"
+    max_call_s: float = 90.0
+
+
+class PeakSampler:
+    """Samples a process's RSS (and the machine's CPU) every `period` s in a thread."""
+
+    def __init__(self, pid: int, period: float = 0.5) -> None:
+        self.pid, self.period = pid, period
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError):
+                self.peak_rss = max(self.peak_rss, proc_sample(self.pid).rss_bytes)
+            self._stop.wait(self.period)
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def _cpu_delta(before: ProcSample, after: ProcSample) -> float:
+    return after.cpu_s - before.cpu_s
+
+
+async def ensure_agent(stack: BenchStack) -> None:
+    """The one agent every call reaches (created once per stack)."""
+    if stack.agent is None:
+        async with api_client(stack) as http:
+            stack.agent = await create_agent(http, GREETING)
+
+
+async def warm_up(stack: BenchStack, script: CallScript) -> None:
+    """One call of the script's first exchange, so lazily built parts (SDK clients,
+    connection pools, codecs) are not charged to the measured load."""
+    first = CallScript("short", script.lines[:1], script.replies[:1], script.normal_turns[:1])
+    await run_load(stack, LoadPlan(1, 0.0, 0.0, first, max_call_s=40.0))
+
+
+async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -> dict[str, Any]:
+    """The load phase and its report."""
+    script = SCRIPTS[config.script]
+    plan = LoadPlan(config.calls, config.duration_s, config.stagger_s, script, config.max_call_s)
+    metrics_before = await read_metrics(stack)
+    idle_rate = await idle_cpu_rate(stack)
+    idle = stack.server_sample()
+    emulators_before, self_before = stack.emulator_sample(), proc_sample(os.getpid())
+    busy_before = machine_busy()
+    started = time.monotonic()
+    with PeakSampler(idle_pid(stack)) as sampler:
+        outcomes = await run_load(stack, plan)
+    wall_s = time.monotonic() - started
+    after = stack.server_sample()
+    busy_after = machine_busy()
+    metrics_after = await read_metrics(stack)
+    calls = report.call_figures(outcomes, script)
+    resources = report.resource_figures(
+        _cpu_delta(idle, after),
+        calls["call_seconds"],
+        idle.rss_bytes,
+        max(sampler.peak_rss, after.rss_bytes),
+        calls["peak_concurrent"] or config.calls,
+    )
+    resources["idle_cpu_s_per_s"] = round(idle_rate, 4)
+    net_cpu = _cpu_delta(idle, after) - idle_rate * wall_s
+    resources["calls_per_core_net_of_idle"] = report.resource_figures(
+        net_cpu, calls["call_seconds"], 0, 0, 1
+    )["calls_per_core"]
+    resources["emulators_cpu_s"] = round(_cpu_delta(emulators_before, stack.emulator_sample()), 2)
+    resources["load_generator_cpu_s"] = round(_cpu_delta(self_before, proc_sample(os.getpid())), 2)
+    busy, total = (a - b for a, b in zip(busy_after, busy_before, strict=True))
+    resources["machine_cpu_busy_pct"] = round(100 * busy / max(total, 1), 1)
+    resources["wall_s"] = round(wall_s, 1)
+    result = _figures(outcomes, script, providers, calls, resources)
+    result["inbound_frames_dropped"] = metrics_after.get(DROPPED, 0) - metrics_before.get(
+        DROPPED, 0
+    )
+    result["run"] = {**asdict(config), "providers": asdict(providers), "cores": os.cpu_count()}
+    result["targets"] = evaluate(result, providers, script)
+    return result
+
+
+async def idle_cpu_rate(stack: BenchStack, seconds: float = 3.0) -> float:
+    """The server's CPU seconds per second with no call (timers, housekeeping)."""
+    before = stack.server_sample()
+    await asyncio.sleep(seconds)
+    after = stack.server_sample()
+    return (after.cpu_s - before.cpu_s) / (after.at - before.at)
+
+
+def idle_pid(stack: BenchStack) -> int:
+    assert stack.server is not None
+    return stack.server.pid
+
+
+def _figures(
+    outcomes: list[report.CallOutcome],
+    script: CallScript,
+    providers: Providers,
+    calls: dict[str, Any],
+    resources: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "calls": calls,
+        "server": report.server_figures(outcomes, script, providers),
+        "caller": report.caller_figures(outcomes, script),
+        "backchannel": report.backchannel_figures(outcomes, script),
+        "resources": resources,
+        "budget_ms": {
+            "providers": {r[:40]: round(providers.budget_ms(r), 1) for r in script.replies},
+            "first_chunk_ms": {r[:40]: providers.first_chunk_ms(r) for r in script.replies},
+        },
+    }
+
+
+def run_sync(stack: BenchStack, config: RunConfig, providers: Providers, warm: bool) -> dict:
+    """Run (after a warm-up call) on a fresh event loop, uvloop when available."""
+
+    async def main() -> dict[str, Any]:
+        await ensure_agent(stack)
+        if warm:
+            await warm_up(stack, SCRIPTS[config.script])
+        return await run_once(stack, config, providers)
+
+    return _run(main())
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

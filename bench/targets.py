@@ -1,0 +1,113 @@
+"""The issue's targets, checked against a run's report, and the table printed for humans.
+
+Voice-to-voice has two budgets. The strict one is the issue's: the sum of provider
+latencies (STT final + LLM first token + first-chunk generation + TTS first byte) + 30 ms.
+The pipeline also waits for the caller to stop talking before it asks for the final
+transcript (Silero VAD must hear TURN_DETECTION_MS of silence), a turn-taking policy rather
+than a provider latency, so the second budget adds it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.script import CallScript, Providers
+
+TURN_DETECTION_MS = 250
+"""vad.VADStream's min_silence_ms: silence heard before the pipeline sends Finalize."""
+SLACK_MS = 30
+
+
+def _get(report: dict[str, Any], path: str) -> Any:
+    value: Any = report
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _target(name: str, value: Any, limit: float, kind: str = "<=") -> dict[str, Any]:
+    met = value is not None and (value <= limit if kind == "<=" else value >= limit)
+    return {"target": name, "value": value, "limit": f"{kind} {limit:g}", "met": met}
+
+
+def evaluate(report: dict[str, Any], providers: Providers, script: CallScript) -> list[dict]:
+    budget = max(providers.budget_ms(r) for r in script.replies)
+    calls = report["calls"]
+    targets = [
+        _target("calls completed (all)", calls["completed"], calls["placed"], ">="),
+        _target("inbound frames dropped", report["inbound_frames_dropped"], 0),
+        _target("calls per server core", _get(report, "resources.calls_per_core"), 200, ">="),
+        _target("pipeline overhead p95 ms", _get(report, "server.overhead.total.p95"), 10),
+        _target(
+            "voice-to-voice p95 ms (providers + 30)",
+            _get(report, "caller.voice_to_voice_ms.p95"),
+            budget + SLACK_MS,
+        ),
+        _target(
+            "voice-to-voice p95 ms (+ turn detection)",
+            _get(report, "caller.voice_to_voice_ms.p95"),
+            budget + TURN_DETECTION_MS + SLACK_MS,
+        ),
+        _target("outbound jitter p99 ms", _get(report, "caller.jitter_ms.p99"), 20),
+        _target("playout underruns", _get(report, "caller.underruns"), 0),
+        _target("RSS per call MB", _get(report, "resources.rss_per_call_mb"), 2),
+    ]
+    if script.name == "full":
+        targets += [
+            _target("barge-in p95 ms", _get(report, "caller.barge_in_ms.p95"), 150),
+            _target("barge-ins missed", _get(report, "caller.barge_in_missed"), 0),
+            _target("false interruptions", _get(report, "backchannel.false_interruptions"), 0),
+        ]
+    return targets
+
+
+# --- the table ----------------------------------------------------------------------------
+
+_ROWS = [
+    ("greeting (start -> first audio heard)", "caller.greeting_ms"),
+    ("server stt_final_ms", "server.stages.stt_final_ms"),
+    ("server llm_first_token_ms", "server.stages.llm_first_token_ms"),
+    ("server tts_first_audio_ms", "server.stages.tts_first_audio_ms"),
+    ("server first_media_ms", "server.stages.first_media_ms"),
+    ("server retrieval_ms", "server.stages.retrieval_ms"),
+    ("turn detection (stt_final - STT)", "server.turn_detection_ms"),
+    ("pipeline overhead total", "server.overhead.total"),
+    ("  llm leg", "server.overhead.llm_leg"),
+    ("  tts leg", "server.overhead.tts_leg"),
+    ("  pacer leg", "server.overhead.pacer_leg"),
+    ("voice-to-voice (normal turns)", "caller.voice_to_voice_ms"),
+    ("voice-to-voice after barge-in", "caller.voice_to_voice_after_barge_in_ms"),
+    ("barge-in (onset -> clear)", "caller.barge_in_ms"),
+    ("backchannel pause (clear -> resume)", "backchannel.pause_ms"),
+    ("outbound frame lateness", "caller.frame_lateness_ms"),
+    ("outbound jitter", "caller.jitter_ms"),
+    ("underrun gap", "caller.underrun_ms"),
+]
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def table(report: dict[str, Any]) -> str:
+    """Percentile rows, counters, resources and targets as plain text."""
+    lines = [f"{'ms':40} {'n':>6} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}"]
+    for label, path in _ROWS:
+        p = _get(report, path) or {}
+        cells = [_cell(p.get(k)) for k in ("n", "p50", "p95", "p99", "max")]
+        lines.append(f"{label:40} {cells[0]:>6} " + " ".join(f"{c:>8}" for c in cells[1:]))
+    lines.append("")
+    for section in ("calls", "backchannel", "resources"):
+        flat = {k: v for k, v in report[section].items() if not isinstance(v, dict | list)}
+        lines.append(f"{section}: " + ", ".join(f"{k}={_cell(v)}" for k, v in flat.items()))
+    caller = report["caller"]
+    lines.append(
+        f"counters: inbound_frames_dropped={_cell(report['inbound_frames_dropped'])}, "
+        f"underruns={caller['underruns']}, barge_in_missed={caller['barge_in_missed']}, "
+        f"frames_received={caller['frames_received']}"
+    )
+    lines.append("")
+    for t in report["targets"]:
+        mark = "MET   " if t["met"] else "MISSED"
+        lines.append(f"{mark} {t['target']:42} {_cell(t['value']):>10} {t['limit']}")
+    return "\n".join(lines)
