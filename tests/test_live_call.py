@@ -376,3 +376,43 @@ async def test_dtmf_digits_reach_the_llm_as_caller_input(tmp_path):
 
     assert "pressed the keypad: 42" in request["messages"][-1]["content"]
     assert [t["text"] for t in _answers(call)][1:] == ["You chose option forty two."]
+
+
+async def test_tts_failure_retries_once_then_speaks_the_fallback(tmp_path, lines):
+    fallback = "Sorry, one moment. Could you say that again?"
+    with LiveStack(
+        tmp_path,
+        deepgram={"listen_script": ["Tell me about pricing.", "Tell me more."]},
+        ollama={"replies": ["We have three plans.", "The pro plan adds recording."]},
+    ) as stack:
+        await stack.create_agent(fallback_line=fallback)
+
+        async def break_tts_after_greeting() -> None:
+            for _ in range(400):
+                if stack.deepgram.speak_requests:
+                    break
+                await asyncio.sleep(0.02)
+            stack.deepgram.fail_next_speak(2)  # the first answer chunk and its retry
+
+        breaker = asyncio.create_task(break_tts_after_greeting())
+        call_id, result = await stack.inbound_call(
+            [
+                SayAfterAgentAudio(1, 0.4, lines["more"], anchor="end"),
+                SayAfterAgentAudio(2, 0.4, lines["more"], anchor="end"),
+                HangupAfterAgentAudio(3, 0.5, anchor="end"),
+                Hangup(30.0),
+            ],
+            max_duration_s=35,
+        )
+        await breaker
+        call = await stack.call_detail(call_id)
+        statuses = [(r.text, r.status) for r in stack.deepgram.speak_requests]
+
+    assert statuses[1:] == [
+        ("We have three plans.", 500),
+        ("We have three plans.", 500),
+        (fallback, 200),
+        ("The pro plan adds recording.", 200),
+    ]
+    assert [t["text"] for t in _answers(call)][1:] == [fallback, "The pro plan adds recording."]
+    assert len(result.talkspurts) == 3  # no dead air: the fallback was heard
