@@ -159,6 +159,8 @@ class SqlCallStore:
     ) -> None:
         async with self.sessionmaker() as session, session.begin():
             session.add(CallEvent(call_id=call_id, type=type_, data=data, call_time_s=call_time_s))
+            if type_ == "tool_called" and (call := await session.get(Call, call_id)) is not None:
+                await self.hook(session, call, "tool.called")
 
     async def set_fields(self, call_id: str, **fields: Any) -> None:
         async with self.sessionmaker() as session, session.begin():

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     WEBHOOK_RETRY_PERIOD_S: float = 24 * 3600
     WEBHOOK_TIMEOUT_S: float = 10.0
     ALLOW_PRIVATE_URLS: bool = False
+    WEBHOOK_BACKOFF_BASE_S: float = Field(default=5.0, gt=0)
+    ANALYSIS_WAIT_S: float = Field(default=5.0, ge=0)
+    ANALYSIS_MAX_ATTEMPTS: int = Field(default=10, ge=1)
+    ANALYSIS_RETRY_BASE_S: float = Field(default=30.0, gt=0)
 
     # --- voice pipeline -----------------------------------------------------------------
     VAD_THRESHOLD: float = 0.5

@@ -20,6 +20,7 @@ from config import Settings
 from db import SessionDep
 from errors import APIError, not_found
 from models import Agent, Call
+from netguard import check_public_url
 from schemas import (
     AGENT_DEFAULTS,
     AgentCreate,
@@ -88,6 +89,15 @@ async def paginate(
     return list(rows), int(total or 0)
 
 
+def _check_webhook_url(body: AgentCreate | AgentUpdate, settings: Settings) -> None:
+    if body.webhook_url is None:
+        return
+    try:
+        check_public_url(str(body.webhook_url), settings.ALLOW_PRIVATE_URLS)
+    except ValueError as exc:
+        raise APIError(422, "validation_error", f"webhook_url: {exc}", "webhook_url") from None
+
+
 def _agent_values(body: AgentCreate | AgentUpdate, *, partial: bool) -> dict[str, Any]:
     values = body.model_dump(mode="json", exclude_unset=partial, exclude_none=not partial)
     if not partial:
@@ -110,7 +120,8 @@ async def _commit_agent(session: SessionDep, agent: Agent) -> None:
 
 
 @router.post("/agents", status_code=201, response_model=AgentRead)
-async def create_agent(body: AgentCreate, session: SessionDep) -> Agent:
+async def create_agent(body: AgentCreate, session: SessionDep, settings: SettingsDep) -> Agent:
+    _check_webhook_url(body, settings)
     agent = Agent(**_agent_values(body, partial=False))
     session.add(agent)
     await _commit_agent(session, agent)
@@ -129,7 +140,10 @@ async def read_agent(agent: AgentDep) -> Agent:
 
 
 @router.patch("/agents/{agent_id}", response_model=AgentRead)
-async def update_agent(body: AgentUpdate, agent: AgentDep, session: SessionDep) -> Agent:
+async def update_agent(
+    body: AgentUpdate, agent: AgentDep, session: SessionDep, settings: SettingsDep
+) -> Agent:
+    _check_webhook_url(body, settings)
     for key, value in _agent_values(body, partial=True).items():
         if value is None and key in AGENT_DEFAULTS:
             raise APIError(422, "validation_error", f"{key}: may not be null", key)

@@ -120,6 +120,7 @@ class TwilioRestEmulator(ThreadedServer):
         self._calls: dict[str, dict[str, Any]] = {}
         self._messages: dict[str, dict[str, Any]] = {}
         self._call_updates: list[dict[str, Any]] = []
+        self._recordings: list[dict[str, Any]] = []
         self._requests: list[dict[str, Any]] = []
         self._failures: deque[TwilioError] = deque()
         self._callback_sequence: dict[str, int] = {}
@@ -140,6 +141,12 @@ class TwilioRestEmulator(ThreadedServer):
     def call_updates(self) -> list[dict[str, Any]]:
         with self.lock:
             return [dict(u) for u in self._call_updates]
+
+    @property
+    def recordings(self) -> list[dict[str, Any]]:
+        """Recordings started through `Calls/{sid}/Recordings.json`, with their `params`."""
+        with self.lock:
+            return [dict(r) for r in self._recordings]
 
     @property
     def requests(self) -> list[dict[str, Any]]:
@@ -261,6 +268,9 @@ class TwilioRestEmulator(ThreadedServer):
             Route(base + "/Calls.json", self._list_calls, methods=["GET"]),
             Route(base + "/Calls/{call_sid}.json", self._update_call, methods=["POST"]),
             Route(base + "/Calls/{call_sid}.json", self._fetch_call, methods=["GET"]),
+            Route(
+                base + "/Calls/{call_sid}/Recordings.json", self._create_recording, methods=["POST"]
+            ),
             Route(base + "/Messages.json", self._create_message, methods=["POST"]),
             Route(base + "/Messages/{message_sid}.json", self._fetch_message, methods=["GET"]),
         ]
@@ -324,6 +334,9 @@ class TwilioRestEmulator(ThreadedServer):
 
     async def _fetch_call(self, request: Request) -> Response:
         return await self._handle(request, self._do_fetch_call)
+
+    async def _create_recording(self, request: Request) -> Response:
+        return await self._handle(request, self._do_create_recording)
 
     async def _create_message(self, request: Request) -> Response:
         return await self._handle(request, self._do_create_message)
@@ -445,6 +458,27 @@ class TwilioRestEmulator(ThreadedServer):
             if key in params:
                 call[field] = params[key]
         call["date_updated"] = _rfc2822(datetime.now(UTC))
+
+    def _do_create_recording(self, path: dict, form: list[tuple[str, str]]) -> tuple[int, dict]:
+        # Inbound calls reach Twilio without this API, so any call sid is accepted here.
+        call_sid, params = path["call_sid"], dict(form)
+        now = _rfc2822(datetime.now(UTC))
+        recording = {
+            "sid": new_sid("RE"),
+            "account_sid": self.account_sid,
+            "call_sid": call_sid,
+            "api_version": "2010-04-01",
+            "status": "in-progress",
+            "channels": 1,
+            "source": "StartCallRecordingAPI",
+            "date_created": now,
+            "date_updated": now,
+            "start_time": now,
+            "uri": self._resource_uri("Calls", call_sid)[:-5] + "/Recordings.json",
+        }
+        with self.lock:
+            self._recordings.append({**recording, "params": params})
+        return 201, recording
 
     def _do_create_message(self, path: dict, form: list[tuple[str, str]]) -> tuple[int, dict]:
         params = dict(form)
