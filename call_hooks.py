@@ -61,8 +61,9 @@ def compose_hooks(*hooks: CallHook) -> CallHook:
 class TaskSet:
     """Background tasks owned by one component; `aclose()` cancels and awaits them."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, on_done: Callable[[], object] | None = None) -> None:
         self.name = name
+        self.on_done = on_done
         self._tasks: dict[str, asyncio.Task[Any]] = {}
 
     def __contains__(self, key: str) -> bool:
@@ -86,6 +87,8 @@ class TaskSet:
             del self._tasks[key]
         if not task.cancelled() and task.exception() is not None:
             log.error("%s task %s failed", self.name, key, exc_info=task.exception())
+        if self.on_done is not None:
+            self.on_done()
 
     async def wait(self, grace_s: float) -> None:
         """Give running tasks up to `grace_s` seconds to finish on their own."""

@@ -297,7 +297,8 @@ class WebhookDispatcher:
         self.shutdown_grace_s = shutdown_grace_s
         self.jitter = jitter
         self._wake = asyncio.Event()
-        self._deliveries = TaskSet("webhook-delivery")
+        # A finished delivery frees a slot and may unblock the next event of its call.
+        self._deliveries = TaskSet("webhook-delivery", on_done=self.wake)
         self._loop_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -405,8 +406,6 @@ class WebhookDispatcher:
         except Exception:
             log.exception("webhooks: delivery of %s failed unexpectedly", event_id)
             await self._release_claim(event_id)
-        finally:
-            self.wake()
 
     async def attempt(self, event: WebhookEvent) -> AttemptResult:
         """POST the event once. Never raises for receiver or network failures."""
