@@ -49,7 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="find the highest N meeting targets")
     p.add_argument("--sweep-start", type=int, default=25)
     p.add_argument("--sweep-max", type=int, default=800)
-    p.add_argument("--py-spy", type=Path, help="record a py-spy profile of the server here")
+    p.add_argument(
+        "--py-spy", type=Path, help="py-spy profile of the server (.svg, or .txt for raw)"
+    )
+    p.add_argument("--service-dir", type=Path, help="run the service from this checkout")
     p.add_argument("--out", type=Path, help="JSON report path (default bench/results/...)")
     return p.parse_args(argv)
 
@@ -77,6 +80,7 @@ def measure(stack: BenchStack, config: RunConfig, providers: Providers, args) ->
                 "-o",
                 str(args.py_spy),
                 "--nonblocking",
+                *(["--format", "raw"] if args.py_spy.suffix == ".txt" else []),
             ],
             stdout=subprocess.DEVNULL,
         )

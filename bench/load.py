@@ -144,15 +144,30 @@ def _failed(slot: int, exc: Exception) -> CallOutcome:
 
 
 async def run_load(stack: BenchStack, plan: LoadPlan) -> list[CallOutcome]:
-    """All slots concurrently; then every call's record from the server."""
+    """All slots concurrently, until every call has ended on both sides."""
     async with api_client(stack) as http:
         ends_at = time.monotonic() + plan.duration_s
         slots = [run_slot(stack, http, plan, i, ends_at) for i in range(plan.calls)]
         outcomes = [o for batch in await asyncio.gather(*slots) for o in batch]
+    await wait_idle(stack)
+    return outcomes
+
+
+async def wait_idle(stack: BenchStack, wait_s: float = 30.0) -> None:
+    """Until the service reports no active call (its last writes are part of the load)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if (await read_metrics(stack)).get("aisdr_calls_active", 0) == 0:
+            return
+        await asyncio.sleep(0.2)
+
+
+async def fetch_details(stack: BenchStack, outcomes: list[CallOutcome]) -> None:
+    """Every call's record from GET /v1/calls/{id} (after the measured window)."""
+    async with api_client(stack) as http:
         for outcome in outcomes:
             if outcome.call_id:
                 outcome.detail = await settled_detail(http, outcome.call_id)
-    return outcomes
 
 
 async def read_metrics(stack: BenchStack) -> dict[str, float]:

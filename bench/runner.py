@@ -15,9 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.load import LoadPlan, api_client, create_agent, read_metrics, run_load
+from bench.load import (
+    LoadPlan,
+    api_client,
+    create_agent,
+    fetch_details,
+    read_metrics,
+    run_load,
+)
 from bench.script import GREETING, SCRIPTS, CallScript, Providers
-from bench.stack import BenchStack, ProcSample, proc_sample
+from bench.stack import CLOCK_TICKS, BenchStack, ProcSample, proc_sample
 from bench.targets import evaluate
 
 DROPPED = "aisdr_inbound_frames_dropped_total"
@@ -97,6 +104,7 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
     after = stack.server_sample()
     busy_after = machine_busy()
     metrics_after = await read_metrics(stack)
+    await fetch_details(stack, outcomes)
     calls = report.call_figures(outcomes, script)
     resources = report.resource_figures(
         _cpu_delta(idle, after),
@@ -114,6 +122,10 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
     resources["load_generator_cpu_s"] = round(_cpu_delta(self_before, proc_sample(os.getpid())), 2)
     busy, total = (a - b for a, b in zip(busy_after, busy_before, strict=True))
     resources["machine_cpu_busy_pct"] = round(100 * busy / max(total, 1), 1)
+    ours = (
+        _cpu_delta(idle, after) + resources["emulators_cpu_s"] + resources["load_generator_cpu_s"]
+    )
+    resources["other_processes_cpu_s"] = round(busy / CLOCK_TICKS - ours, 1)
     resources["wall_s"] = round(wall_s, 1)
     result = _figures(outcomes, script, providers, calls, resources)
     result["inbound_frames_dropped"] = metrics_after.get(DROPPED, 0) - metrics_before.get(

@@ -73,7 +73,8 @@ class BenchStack:
     """Starts the emulators, then the service pointed at them; stops both on exit.
 
     `emulator_config` is the JSON `python -m emulators --config` reads (twilio / deepgram /
-    ollama sections). The service runs with uvloop and httptools when `fast_loop`.
+    ollama sections). The service runs with uvloop and httptools when `fast_loop`, from
+    `service_dir` (default: this checkout; another one to compare a change).
     """
 
     def __init__(
@@ -83,11 +84,13 @@ class BenchStack:
         *,
         fast_loop: bool = True,
         log: IO[str] | None = None,
+        service_dir: Path | None = None,
     ) -> None:
         self.emulator_config = emulator_config
         self.workdir = workdir
         self.fast_loop = fast_loop
         self.log = log
+        self.service_dir = service_dir or ROOT
         self.emulators: subprocess.Popen[str] | None = None
         self.server: subprocess.Popen[bytes] | None = None
         self.emulator_urls: dict[str, str] = {}
@@ -178,7 +181,7 @@ class BenchStack:
         if self.fast_loop:
             command += ["--loop", "uvloop", "--http", "httptools"]
         self.server = subprocess.Popen(
-            command, cwd=ROOT, env=self.server_env(), stdout=self.log, stderr=self.log
+            command, cwd=self.service_dir, env=self.server_env(), stdout=self.log, stderr=self.log
         )
         self._wait_healthy(timeout)
 

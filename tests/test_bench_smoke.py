@@ -1,0 +1,45 @@
+"""Smoke run of the call benchmark through its real code path: the service and the
+emulators as subprocesses, two scripted callers over real sockets, the JSON report.
+Asserts that the report is complete and the calls went through; never on speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_runs_two_short_calls_and_writes_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    command = [sys.executable, "-m", "bench", "--calls", "2", "--duration", "0"]
+    command += ["--script", "short", "--no-warmup", "--stagger", "0.2", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=100)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "voice-to-voice" in done.stdout
+    report = json.loads(out.read_text())
+    assert set(report) >= {
+        "calls",
+        "server",
+        "caller",
+        "backchannel",
+        "resources",
+        "inbound_frames_dropped",
+        "targets",
+        "run",
+    }
+    assert report["calls"]["placed"] == 2
+    assert report["calls"]["completed"] == 2, report["calls"]
+    assert set(report["server"]["stages"]) >= {"stt_final_ms", "first_media_ms", "retrieval_ms"}
+    assert report["server"]["overhead"]["total"]["n"] == 2
+    assert report["caller"]["voice_to_voice_ms"]["n"] == 2
+    assert report["caller"]["greeting_ms"]["n"] == 2
+    assert report["resources"]["cpu_s_per_call_minute"] > 0
+    assert {t["target"] for t in report["targets"]} >= {"inbound frames dropped"}
