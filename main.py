@@ -13,8 +13,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request, Response
 
+import routes_bookings
+import routes_knowledge
 import routes_twilio
 import routes_v1
 import routes_webhooks
@@ -22,11 +25,14 @@ from call_store import SqlCallStore
 from config import Settings
 from db import Database
 from errors import BodySizeLimit, install_error_handlers
+from knowledge_service import KnowledgeRetriever, start_knowledge
 from llm_ollama import OllamaLLM
 from metrics import PipelineMetrics
+from netguard import PublicOnlyTransport
 from post_call import PostCall
 from stt_deepgram import DeepgramSTT
 from telephony import TwilioGateway
+from tools import AgentTools
 from tts_deepgram import DeepgramTTS
 from vad import SileroModel, shared_batcher
 from voice_pipeline import CallManager, PipelineDeps
@@ -34,8 +40,19 @@ from voice_pipeline import CallManager, PipelineDeps
 log = logging.getLogger("ai_sdr")
 
 
+def configure_logging(level: str) -> None:
+    """Our loggers at `level`; HTTP client loggers at WARNING, because they log full URLs
+    (webhook and tool URLs may carry tokens) at INFO."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ai_sdr").setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "aiohttp.access", "twilio.http_client"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    configure_logging(settings.LOG_LEVEL)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -55,6 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             fallback_line=settings.LLM_FALLBACK_LINE,
         )
         await asyncio.to_thread(SileroModel.load)  # load once, off the loop, before calls
+        app.state.knowledge = knowledge = await start_knowledge(settings)  # same for MiniLM
+        tools_http = httpx.AsyncClient(
+            transport=PublicOnlyTransport(allow_private=settings.ALLOW_PRIVATE_URLS)
+        )
         app.state.db, app.state.twilio, app.state.llm = database, twilio, llm
         app.state.calls = CallManager(
             PipelineDeps(
@@ -66,6 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics=app.state.metrics,
                 vad_batcher=shared_batcher,
                 vad_threshold=settings.VAD_THRESHOLD,
+                retriever=KnowledgeRetriever(knowledge),
+                tools=AgentTools(database.sessionmaker, twilio, settings, tools_http),
             )
         )
         await post_call.start()
@@ -73,6 +96,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await post_call.aclose()
+            await tools_http.aclose()
+            await asyncio.to_thread(knowledge.close)
             await twilio.aclose()
             await llm.aclose()
             await tts.aclose()
@@ -86,6 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # before routes_v1: /v1/calls/export must not be taken for /v1/calls/{call_id}
     app.include_router(routes_webhooks.router)
     app.include_router(routes_v1.router)
+    app.include_router(routes_knowledge.router)
+    app.include_router(routes_bookings.router)
     app.include_router(routes_twilio.router)
 
     @app.get("/health", tags=["health"])
@@ -100,11 +127,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def _health(app: FastAPI, settings: Settings) -> dict[str, Any]:
-    database_ok, ollama_ok = await asyncio.gather(app.state.db.ping(), app.state.llm.healthy())
+    database_ok, ollama_ok, chroma_ok = await asyncio.gather(
+        app.state.db.ping(), app.state.llm.healthy(), app.state.knowledge.healthy()
+    )
     checks = {
         "database": "ok" if database_ok else "down",
         "ollama": "ok" if ollama_ok else "unreachable",
         "twilio": "configured" if app.state.twilio.configured else "not_configured",
         "deepgram": "configured" if settings.DEEPGRAM_API_KEY else "not_configured",
+        "chroma": "ok" if chroma_ok else "down",
     }
     return {"status": "ok" if database_ok else "degraded", "checks": checks}
