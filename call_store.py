@@ -13,10 +13,11 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from models import TERMINAL_STATUSES, Agent, Call, CallEvent, TranscriptTurn
+from models import TERMINAL_STATUSES, Agent, Booking, Call, CallEvent, TranscriptTurn
+from scheduling import spoken_in
 from utils import render_template, utcnow
 from voice_pipeline import AgentConfig
 
@@ -132,8 +133,15 @@ class SqlCallStore:
             caller_number=caller,
             agent_number=ours,
             transfer_number=agent.transfer_number or "",
+            caller_memory=await self._caller_memory(call, caller),
             variables=variables,
         )
+
+    async def _caller_memory(self, call: Call, number: str) -> str:
+        if not number or call.agent_id is None:
+            return ""
+        async with self.sessionmaker() as session:
+            return await caller_memory(session, call.agent_id, number, exclude_call=call.id)
 
     async def stream_started(self, call_id: str, *, stream_sid: str, call_sid: str) -> None:
         async with self.sessionmaker() as session, session.begin():
@@ -182,3 +190,78 @@ class SqlCallStore:
             if call.duration_seconds is None and call.started_at is not None:
                 call.duration_seconds = (call.ended_at - call.started_at).total_seconds()
             await self.hook(session, call, "call.ended")
+
+
+# --- caller memory ----------------------------------------------------------------------
+
+MEMORY_CALLS = 3
+MEMORY_MAX_CHARS = 600
+_MEMORY_TURNS = 4
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+async def caller_memory(
+    session: AsyncSession, agent_id: str, number: str, *, exclude_call: str | None = None
+) -> str:
+    """A few lines on this agent's earlier calls with `number` (newest first) and the
+    meetings booked for it: the analysis summary when there is one, else the last words."""
+    with_number = or_(
+        and_(Call.direction == "inbound", Call.from_number == number),
+        and_(Call.direction == "outbound", Call.to_number == number),
+    )
+    calls = await session.scalars(
+        select(Call)
+        .where(Call.agent_id == agent_id, Call.id != (exclude_call or ""), with_number)
+        .order_by(Call.created_at.desc())
+        .limit(MEMORY_CALLS)
+    )
+    lines = await _booking_lines(session, agent_id, number)  # first: they matter most
+    for earlier in calls.all():
+        if digest := await _call_digest(session, earlier):
+            lines.append(f"- Call on {earlier.created_at:%Y-%m-%d}: {digest}")
+    memory = ""
+    for line in lines:  # whole lines only, within the budget
+        if len(memory) + len(line) + 1 > MEMORY_MAX_CHARS:
+            break
+        memory += line + "\n"
+    return memory.rstrip()
+
+
+async def _call_digest(session: AsyncSession, call: Call) -> str:
+    analysis = call.analysis if isinstance(call.analysis, dict) else {}
+    summary = str(analysis.get("summary") or "").strip()
+    if summary:
+        return _clip(summary, 240)
+    turns = await session.scalars(
+        select(TranscriptTurn)
+        .where(TranscriptTurn.call_id == call.id, TranscriptTurn.text != "")
+        .order_by(TranscriptTurn.seq.desc())
+        .limit(_MEMORY_TURNS)
+    )
+    said = [
+        f'{"caller" if turn.role == "user" else "you"}: "{_clip(turn.text, 70)}"'
+        for turn in reversed(turns.all())
+    ]
+    return "; ".join(said)
+
+
+async def _booking_lines(session: AsyncSession, agent_id: str, number: str) -> list[str]:
+    bookings = await session.scalars(
+        select(Booking)
+        .where(
+            Booking.agent_id == agent_id,
+            Booking.attendee_phone == number,
+            Booking.status == "confirmed",
+            Booking.start_at >= utcnow(),
+        )
+        .order_by(Booking.start_at)
+        .limit(2)
+    )
+    return [
+        f"- Meeting booked for {spoken_in(b.start_at, b.timezone)} ({b.timezone})."
+        for b in bookings.all()
+    ]
