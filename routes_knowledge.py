@@ -9,7 +9,7 @@ framing), so an oversize upload is refused without being read to its end.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -75,7 +75,7 @@ def get_knowledge(request: Request) -> KnowledgeBase:
     knowledge = getattr(request.app.state, "knowledge", None)
     if knowledge is None:
         raise APIError(503, "knowledge_unavailable", "the knowledge base is not available")
-    return knowledge  # type: ignore[no-any-return]
+    return knowledge
 
 
 KnowledgeDep = Annotated[KnowledgeBase, Depends(get_knowledge)]
@@ -98,7 +98,7 @@ class _BodyTooLarge(MultiPartException):
     """Raised from the body stream; a MultiPartException so the parser closes its files."""
 
 
-async def _bounded(request: Request, limit: int) -> AsyncIterator[bytes]:
+async def _bounded(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
     received = 0
     async for piece in request.stream():
         received += len(piece)

@@ -38,7 +38,7 @@ async def _turns(app: Any, call_id: str, *texts: tuple[str, str]) -> None:
 
 async def _memory(app: Any, call_id: str) -> str:
     config = await app.state.calls.deps.store.load_config(call_id)
-    return config.caller_memory  # type: ignore[no-any-return]
+    return config.caller_memory
 
 
 async def test_memory_summarises_earlier_calls_and_bookings(

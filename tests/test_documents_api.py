@@ -40,7 +40,7 @@ class Running:
     async def documents(self, agent_id: str) -> list[dict[str, Any]]:
         response = await self.http.get(f"/v1/agents/{agent_id}/documents")
         assert response.status_code == 200, response.text
-        return response.json()["items"]  # type: ignore[no-any-return]
+        return response.json()["items"]
 
 
 async def _running(tmp_path: Path) -> AsyncIterator[Running]:
@@ -72,7 +72,7 @@ async def _search(http: httpx.AsyncClient, agent_id: str, query: str, **extra: A
     body = {"query": query, **extra}
     response = await http.post(f"/v1/agents/{agent_id}/knowledge/search", json=body)
     assert response.status_code == 200, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 PDF = _pdf(

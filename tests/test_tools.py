@@ -80,13 +80,13 @@ class Env:
             session.add(call)
         config = await self.app.state.calls.deps.store.load_config(call.id)
         assert config is not None
-        return config  # type: ignore[no-any-return]
+        return config
 
     async def run(self, config: AgentConfig, tool: str, /, **arguments: Any) -> ToolOutcome:
         """As the pipeline calls it: the key is call + tool + arguments."""
         key = f"{config.call_id}:{tool}:{json.dumps(arguments, sort_keys=True, default=str)}"
         ctx = ToolContext(config, "CA" + "0" * 32, key)
-        return await self.tools.run(ToolCall(tool, arguments), ctx)  # type: ignore[no-any-return]
+        return await self.tools.run(ToolCall(tool, arguments), ctx)
 
     async def count(self, model: Any, *where: Any) -> int:
         async with self.app.state.db.sessionmaker() as session:
@@ -460,7 +460,7 @@ def _answers(call: dict[str, Any]) -> list[dict[str, Any]]:
 
 async def _bookings(stack: LiveStack, **params: str) -> list[dict[str, Any]]:
     async with stack.api() as http:
-        return (await http.get("/v1/bookings", params=params)).json()["items"]  # type: ignore[no-any-return]
+        return (await http.get("/v1/bookings", params=params)).json()["items"]
 
 
 pytestmark_live = pytest.mark.slow
