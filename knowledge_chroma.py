@@ -50,7 +50,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bars in service logs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ai_sdr." + __name__)
 
 EMBEDDING_FUNCTION_NAME = "ai_sdr_minilm_l6_v2"
 COLLECTION_PREFIX = "kb-"

@@ -38,7 +38,7 @@ from providers import (
     ToolCall,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ai_sdr." + __name__)
 
 KEEP_ALIVE = "10m"
 """Keep the model loaded between turns: a cold load takes seconds."""

@@ -279,6 +279,7 @@ class CallRead(BaseModel):
     recording_url: str | None
     analysis: dict[str, Any] | None
     analysis_status: str | None
+    analysis_error: str | None
 
 
 class CallDetail(CallRead):

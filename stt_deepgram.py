@@ -30,7 +30,7 @@ from websockets.exceptions import WebSocketException
 from config import Settings
 from providers import Clock, SpeechStarted, STTError, STTEvent, Transcript, UtteranceEnd
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ai_sdr." + __name__)
 
 SAMPLE_RATE = 8000
 """Twilio audio: mu-law, 8 kHz, mono, so one byte is one sample."""

@@ -23,7 +23,7 @@ from config import Settings
 from providers import TTSError
 from stt_deepgram import SAMPLE_RATE, build_deepgram_client
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ai_sdr." + __name__)
 
 _RETRIABLE_STATUS = {408, 429}
 """Besides 5xx: statuses where the same request can succeed a moment later."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 import websockets
@@ -30,7 +31,8 @@ def lines() -> dict[str, bytes]:
     }
 
 
-async def test_whole_call_greeting_two_exchanges_goodbye(tmp_path, lines):
+async def test_whole_call_greeting_two_exchanges_goodbye(tmp_path, lines, caplog):
+    caplog.set_level(logging.INFO)
     replies = [
         "Sure, I can help you book a demo. What day works for you?",
         "The pro plan costs forty nine dollars a month.",
@@ -78,6 +80,10 @@ async def test_whole_call_greeting_two_exchanges_goodbye(tmp_path, lines):
         assert turn["tts_first_audio_ms"] <= turn["first_media_ms"]
     assert not result.clears
     assert stack.active_calls() == 0
+    # transcripts, phone numbers and secrets stay out of INFO logs
+    logged = caplog.text
+    for private in [*replies, "book a demo", "+14155550199", "+14155550100", AUTH_TOKEN]:
+        assert private not in logged
 
 
 LONG_REPLY = (
