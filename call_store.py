@@ -99,9 +99,11 @@ class SqlCallStore:
 
     async def load_config(self, call_id: str) -> AgentConfig | None:
         loaded = await self.load(call_id)
-        if loaded is None or loaded[1] is None:
+        if loaded is None:
             return None
         call, agent = loaded
+        if agent is None:
+            return None
         caller = call.from_number if call.direction == "inbound" else call.to_number
         ours = call.to_number if call.direction == "inbound" else call.from_number
         variables = {

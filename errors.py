@@ -36,8 +36,12 @@ def error_response(
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
-    return ".".join(parts) or (str(loc[0]) if loc else "body")
+    """`("body", "calendar", "timezone")` -> "calendar.timezone"; only the leading location
+    is dropped, so a body field named `query` keeps its name."""
+    parts = [str(p) for p in loc]
+    if len(parts) > 1 and parts[0] in ("body", "query", "path", "header", "cookie", "form"):
+        parts = parts[1:]
+    return ".".join(parts) or "body"
 
 
 def _describe(error: dict[str, Any]) -> dict[str, str]:

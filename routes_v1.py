@@ -39,7 +39,7 @@ _bearer = HTTPBearer(auto_error=False)
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -168,7 +168,7 @@ async def delete_agent(agent: AgentDep, session: SessionDep, request: Request) -
 
 
 def _twilio(request: Request) -> TwilioGateway:
-    return request.app.state.twilio  # type: ignore[no-any-return]
+    return request.app.state.twilio
 
 
 TwilioDep = Annotated[TwilioGateway, Depends(_twilio)]

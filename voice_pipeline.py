@@ -77,6 +77,7 @@ REPROMPT_LINE = "Are you still there?"
 SILENCE_GOODBYE = "It seems we got disconnected. Feel free to call back anytime. Goodbye!"
 MAX_DURATION_GOODBYE = "I'm sorry, we've reached the time limit for this call. Goodbye!"
 STT_FAILED_LINE = "I'm sorry, I'm having trouble hearing you. Please call back later. Goodbye."
+TRANSFER_FAILED_LINE = "I'm sorry, I couldn't connect you right now. Can I help with anything else?"
 MAX_CONSECUTIVE_LLM_FAILURES = 3
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -1051,41 +1052,49 @@ class CallSession:
     async def _run_tools(
         self, speech: Speech, calls: list[ToolCall], messages: list[Message]
     ) -> list[str]:
-        """Run tool calls to completion even if the answer is interrupted (a started side
-        effect is never abandoned); the results stay in history."""
+        """Run tool calls to completion even if the answer is interrupted: a started side
+        effect is never abandoned, and the call and its result enter history at once (the
+        result fills in when the tool finishes, whatever happened to this answer)."""
         runner = self.deps.tools
         request = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
         speech.tool_calls.extend(request)
-        results: list[Message] = []
-        lines: list[str] = []
         if runner is None:
-            return lines
-        assistant = {"role": "assistant", "content": "", "tool_calls": request}
-        messages.append(assistant)
-        for call in calls:
+            return []
+        assistant: Message = {"role": "assistant", "content": "", "tool_calls": request}
+        pending = [
+            {"role": "tool", "tool_name": c.name, "content": '{"status": "running"}'} for c in calls
+        ]
+        messages.extend([assistant, *pending])
+        self.history.extend([assistant, *pending])
+        lines: list[str] = []
+        for call, result_message in zip(calls, pending, strict=True):
             ctx = ToolContext(self.config, self.call_sid, _idempotency_key(self.config, call))
             task = asyncio.ensure_future(runner.run(call, ctx))
+            task.add_done_callback(lambda t, m=result_message: self._tool_finished(t, m))
             done, _ = await asyncio.wait({task}, timeout=TOOL_FILLER_AFTER_S)
             if not done:
                 filler = runner.filler_for(self.config, call.name) or DEFAULT_FILLER
                 await self._synthesise(speech, filler)
             outcome = await asyncio.shield(task)
-            content = (
-                outcome.result
-                if isinstance(outcome.result, str)
-                else json.dumps(outcome.result, default=str)
-            )
-            result_message = {"role": "tool", "tool_name": call.name, "content": content}
-            results.append(result_message)
-            self._event("tool_called", name=call.name, action=outcome.action)
             if outcome.action is not None:
                 self._pending_action = outcome
-                if outcome.say:
+                said_goodbye = outcome.action == "end_call" and speech.full_text()
+                if outcome.say and not said_goodbye:
                     lines.append(outcome.say)
-        messages.extend(results)
-        # the call's own history keeps the calls and results whether or not speech continues
-        self.history.extend([assistant, *results])
         return lines
+
+    def _tool_finished(self, task: asyncio.Future[ToolOutcome], message: Message) -> None:
+        if task.cancelled():
+            message["content"] = json.dumps({"error": "cancelled"})
+            return
+        error = task.exception()
+        if error is not None:
+            message["content"] = json.dumps({"error": type(error).__name__})
+            return
+        outcome = task.result()
+        result = outcome.result
+        message["content"] = result if isinstance(result, str) else json.dumps(result, default=str)
+        self._event("tool_called", name=message["tool_name"], action=outcome.action)
 
     async def _after_speech(self) -> None:
         """Once the caller heard the last words: act on end-call phrases and tool actions."""
@@ -1096,15 +1105,24 @@ class CallSession:
             return
         self._pending_action = None
         if action.action == "transfer" and action.transfer_to:
-            self._event("transfer")
-            self._write("fields", {"transferred_to": action.transfer_to})
-            with contextlib.suppress(Exception):
-                await self.deps.control.transfer(
-                    self.call_sid, number=action.transfer_to, caller_id=self.config.agent_number
-                )
-            self._ending = True
-            raise _CallEnded("transferred")
+            await self._transfer(action.transfer_to)
+            return
         await self._hang_up(self._final_reason or "assistant-ended-call")
+
+    async def _transfer(self, number: str) -> None:
+        try:
+            await self.deps.control.transfer(
+                self.call_sid, number=number, caller_id=self.config.agent_number
+            )
+        except Exception as exc:
+            log.warning("call %s: transfer failed (%s)", self.config.call_id, type(exc).__name__)
+            self._event("transfer_failed", error=type(exc).__name__)
+            self._start_speech("transfer-failed", TRANSFER_FAILED_LINE)
+            return
+        self._event("transfer")
+        self._write("fields", {"transferred_to": number})
+        self._ending = True
+        raise _CallEnded("transferred")
 
     def _said_end_phrase(self) -> bool:
         last = next((m for m in reversed(self.history) if m["role"] == "assistant"), None)
