@@ -760,3 +760,40 @@ async def test_faq_passages_reach_the_llm_and_memory_carries_to_the_next_call(
     assert 'caller: "How long does onboarding take?"' in memory
     assert "two business days" in memory
     assert _answers(second)[1]["text"] == "Welcome back!"
+
+
+@pytestmark_live
+async def test_a_failed_transfer_is_apologised_for_and_the_call_goes_on(
+    tmp_path: Path, lines
+) -> None:
+    from voice_pipeline import TRANSFER_FAILED_LINE
+
+    def llm(messages: list[dict[str, Any]]) -> Reply:
+        if _users(messages) == 1:
+            return Reply("Sure.", tool_calls=[{"name": "transfer_call", "arguments": {}}])
+        return Reply("Happy to help with that myself.")
+
+    with LiveStack(
+        tmp_path,
+        deepgram={"listen_script": ["Can I talk to a person?", "Text me the link."]},
+        ollama={"replies": llm},
+    ) as stack:
+        await stack.create_agent(tools=[{"type": "transfer_call"}], transfer_number="+14155550123")
+        stack.twilio.fail_next(status=400, code=21220, message="Call is not in-progress")
+        call_id, result = await stack.inbound_call(
+            [
+                SayAfterAgentAudio(1, 0.4, lines["human"], anchor="end"),
+                SayAfterAgentAudio(3, 0.4, lines["text"], anchor="end"),
+                HangupAfterAgentAudio(4, 0.4, anchor="end"),
+                Hangup(40.0),
+            ],
+            max_duration_s=45,
+        )
+        call = await stack.call_detail(call_id)
+        spoken = stack.deepgram.speak_texts
+
+    assert TRANSFER_FAILED_LINE in spoken
+    assert call["transferred_to"] is None
+    assert call["ended_reason"] == "customer-ended-call"
+    assert _answers(call)[-1]["text"] == "Happy to help with that myself."
+    assert result.ended_by == "hangup"
