@@ -80,6 +80,7 @@ def measure(stack: BenchStack, config: RunConfig, providers: Providers, args) ->
                 "-o",
                 str(args.py_spy),
                 "--nonblocking",
+                "--gil",  # only the thread holding the GIL: what uses the interpreter
                 *(["--format", "raw"] if args.py_spy.suffix == ".txt" else []),
             ],
             stdout=subprocess.DEVNULL,

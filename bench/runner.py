@@ -40,11 +40,13 @@ class RunConfig:
 
 
 class PeakSampler:
-    """Samples a process's RSS (and the machine's CPU) every `period` s in a thread."""
+    """Samples a process's RSS and CPU every `period` s in a thread: the peak RSS, and the
+    busiest `window` s of CPU (as a share of one core)."""
 
-    def __init__(self, pid: int, period: float = 0.5) -> None:
-        self.pid, self.period = pid, period
+    def __init__(self, pid: int, period: float = 0.5, window: float = 2.0) -> None:
+        self.pid, self.period, self.window = pid, period, window
         self.peak_rss = 0
+        self.samples: list[ProcSample] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -59,8 +61,20 @@ class PeakSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(OSError):
-                self.peak_rss = max(self.peak_rss, proc_sample(self.pid).rss_bytes)
+                sample = proc_sample(self.pid)
+                self.samples.append(sample)
+                self.peak_rss = max(self.peak_rss, sample.rss_bytes)
             self._stop.wait(self.period)
+
+    @property
+    def peak_cpu_pct(self) -> float:
+        steps = max(int(self.window / self.period), 1)
+        rates = [
+            (b.cpu_s - a.cpu_s) / (b.at - a.at)
+            for a, b in zip(self.samples, self.samples[steps:], strict=False)
+            if b.at > a.at
+        ]
+        return round(100 * max(rates, default=0.0), 1)
 
 
 def machine_busy() -> tuple[float, float]:
@@ -114,6 +128,7 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
         calls["peak_concurrent"] or config.calls,
     )
     resources["idle_cpu_s_per_s"] = round(idle_rate, 4)
+    resources["server_peak_cpu_pct"] = sampler.peak_cpu_pct
     net_cpu = _cpu_delta(idle, after) - idle_rate * wall_s
     resources["calls_per_core_net_of_idle"] = report.resource_figures(
         net_cpu, calls["call_seconds"], 0, 0, 1
