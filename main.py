@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics=app.state.metrics,
                 vad_batcher=shared_batcher,
                 vad_threshold=settings.VAD_THRESHOLD,
+                end_of_speech_ms=settings.DEEPGRAM_ENDPOINTING_MS,
                 retriever=KnowledgeRetriever(knowledge),
                 tools=AgentTools(database.sessionmaker, twilio, settings, tools_http),
             )

@@ -194,6 +194,10 @@ class PipelineDeps:
     retriever: Retriever | None = None
     tools: ToolRunner | None = None
     vad_threshold: float = 0.5
+    end_of_speech_ms: int = 300
+    """Silence after which the caller's speech has ended: Finalize is sent to the STT then.
+    Kept equal to Deepgram's endpointing so a forced final never cuts a caller off sooner
+    than Deepgram itself would."""
     clock: Clock = time.monotonic
 
 
@@ -384,6 +388,7 @@ class CallSession:
             deps.vad_batcher(),
             threshold=deps.vad_threshold,
             min_speech_ms=max(config.min_interrupt_speech_ms, 32),
+            min_silence_ms=deps.end_of_speech_ms,
             clock=self.clock,
         )
         self._audio_t0: float | None = None
