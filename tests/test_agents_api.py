@@ -90,10 +90,33 @@ async def test_api_key_is_required(app):
 
 
 async def test_health_reports_dependencies(client):
-    body = (await client.get("/health")).json()
-    assert body["status"] == "ok"
+    response = await client.get("/health")
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "ok"
     assert body["checks"]["database"] == "ok"
+    assert body["checks"]["chroma"] == "ok"
     assert body["checks"]["twilio"] == "configured"
+    assert body["checks"]["deepgram"] == "configured"
+    # the test settings point Ollama at a closed port: reported, not fatal
+    assert body["checks"]["ollama"] == "unreachable"
+
+
+async def test_health_sees_a_reachable_ollama(tmp_path):
+    from emulators.ollama import OllamaEmulator
+    from main import create_app
+    from tests.conftest import make_settings
+
+    with OllamaEmulator() as ollama:
+        app = create_app(make_settings(tmp_path, OLLAMA_HOST=ollama.url, DEEPGRAM_API_KEY=""))
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+            ) as http,
+        ):
+            checks = (await http.get("/health")).json()["checks"]
+    assert checks["ollama"] == "ok"
+    assert checks["deepgram"] == "not_configured"
 
 
 async def test_oversize_body_is_refused_before_reading(tmp_path):

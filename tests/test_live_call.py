@@ -56,6 +56,8 @@ async def test_whole_call_greeting_two_exchanges_goodbye(tmp_path, lines, caplog
             max_duration_s=45,
         )
         call = await stack.call_detail(call_id)
+        async with stack.api() as http:
+            metrics = (await http.get("/metrics")).text
 
     assert result.ended_by == "server", result
     assert result.greeting_latency is not None and result.greeting_latency < 5
@@ -80,6 +82,9 @@ async def test_whole_call_greeting_two_exchanges_goodbye(tmp_path, lines, caplog
         assert turn["tts_first_audio_ms"] <= turn["first_media_ms"]
     assert not result.clears
     assert stack.active_calls() == 0
+    for stage in ("stt_final", "llm_first_token", "tts_first_audio", "first_media"):
+        assert f'aisdr_turn_latency_seconds_count{{stage="{stage}"}} 3.0' in metrics
+    assert 'aisdr_calls_ended_total{reason="assistant-ended-call"} 1.0' in metrics
     # transcripts, phone numbers and secrets stay out of INFO logs
     logged = caplog.text
     for private in [*replies, "book a demo", "+14155550199", "+14155550100", AUTH_TOKEN]:
