@@ -24,6 +24,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -1075,7 +1076,7 @@ class CallSession:
         for call, result_message in zip(calls, pending, strict=True):
             ctx = ToolContext(self.config, self.call_sid, _idempotency_key(self.config, call))
             task = asyncio.ensure_future(runner.run(call, ctx))
-            task.add_done_callback(lambda t, m=result_message: self._tool_finished(t, m))
+            task.add_done_callback(functools.partial(self._tool_finished, message=result_message))
             done, _ = await asyncio.wait({task}, timeout=TOOL_FILLER_AFTER_S)
             if not done:
                 filler = runner.filler_for(self.config, call.name) or DEFAULT_FILLER
@@ -1088,7 +1089,7 @@ class CallSession:
                     lines.append(outcome.say)
         return lines
 
-    def _tool_finished(self, task: asyncio.Future[ToolOutcome], message: Message) -> None:
+    def _tool_finished(self, task: asyncio.Future[ToolOutcome], *, message: Message) -> None:
         if task.cancelled():
             message["content"] = json.dumps({"error": "cancelled"})
             return
