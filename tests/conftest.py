@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,22 @@ def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)
 
 
+def api_client(app: Any, *, authorized: bool = True) -> httpx.AsyncClient:
+    """An httpx client on the app through ASGITransport, with the API key unless told not."""
+    headers = {"Authorization": f"Bearer {API_KEY}"} if authorized else {}
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=headers
+    )
+
+
+@asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The real app with its lifespan running, and an API client on it."""
+    application = create_app(settings)
+    async with application.router.lifespan_context(application), api_client(application) as http:
+        yield application, http
+
+
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[Any]:
     application = create_app(settings)
@@ -81,12 +98,7 @@ async def app(settings: Settings) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(
-        transport=transport,
-        base_url="http://testserver",
-        headers={"Authorization": f"Bearer {API_KEY}"},
-    ) as http:
+    async with api_client(app) as http:
         yield http
 
 

@@ -12,8 +12,7 @@ import json
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -26,9 +25,8 @@ from starlette.routing import Route
 from call_store import SqlCallStore
 from config import Settings
 from emulators.base import ThreadedServer
-from main import create_app
 from models import Call
-from tests.conftest import API_KEY, post_signed
+from tests.conftest import post_signed
 
 SECRET = "whsec-test-0123456789"
 AGENT_NUMBER = "+14155550100"
@@ -116,20 +114,6 @@ async def eventually(predicate: Callable[[], Any], within_s: float = 15.0) -> An
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within_s} s")
         await asyncio.sleep(0.02)
-
-
-@asynccontextmanager
-async def running_app(settings: Settings) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    """The real app with its lifespan (dispatcher and analyser running) and an API client."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport,
-            base_url="http://testserver",
-            headers={"Authorization": f"Bearer {API_KEY}"},
-        ) as client:
-            yield app, client
 
 
 class CallDriver:

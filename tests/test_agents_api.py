@@ -1,6 +1,4 @@
-import httpx
-
-from tests.conftest import create_agent
+from tests.conftest import api_client, create_agent, make_settings, running_app
 
 
 async def test_create_read_update_delete_agent(client):
@@ -80,9 +78,7 @@ async def test_patch_rejects_null_for_required_settings(client):
 
 
 async def test_api_key_is_required(app):
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
-    ) as anonymous:
+    async with api_client(app, authorized=False) as anonymous:
         assert (await anonymous.get("/v1/agents")).status_code == 401
         wrong = await anonymous.get("/v1/agents", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
@@ -103,35 +99,17 @@ async def test_health_reports_dependencies(client):
 
 async def test_health_sees_a_reachable_ollama(tmp_path):
     from emulators.ollama import OllamaEmulator
-    from main import create_app
-    from tests.conftest import make_settings
 
     with OllamaEmulator() as ollama:
-        app = create_app(make_settings(tmp_path, OLLAMA_HOST=ollama.url, DEEPGRAM_API_KEY=""))
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://testserver"
-            ) as http,
-        ):
+        settings = make_settings(tmp_path, OLLAMA_HOST=ollama.url, DEEPGRAM_API_KEY="")
+        async with running_app(settings) as (_, http):
             checks = (await http.get("/health")).json()["checks"]
     assert checks["ollama"] == "ok"
     assert checks["deepgram"] == "not_configured"
 
 
 async def test_oversize_body_is_refused_before_reading(tmp_path):
-    from main import create_app
-    from tests.conftest import API_KEY, make_settings
-
-    app = create_app(make_settings(tmp_path, MAX_REQUEST_BYTES=1000))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://testserver",
-            headers={"Authorization": f"Bearer {API_KEY}"},
-        ) as http,
-    ):
+    async with running_app(make_settings(tmp_path, MAX_REQUEST_BYTES=1000)) as (_, http):
         response = await http.post("/v1/agents", json={"name": "x", "system_prompt": "y" * 2000})
         assert response.status_code == 413
         assert "1000 bytes" in response.json()["error"]["message"]

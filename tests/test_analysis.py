@@ -10,7 +10,7 @@ import pytest
 from analysis import response_schema, validate_analysis
 from call_report import percentile
 from emulators.ollama import OllamaEmulator, Reply
-from tests.conftest import create_agent, make_settings
+from tests.conftest import create_agent, make_settings, running_app
 from tests.post_call_support import (
     AGENT_NUMBER,
     FAST,
@@ -18,7 +18,6 @@ from tests.post_call_support import (
     WebhookReceiver,
     eventually,
     free_port,
-    running_app,
     sales_conversation,
 )
 

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import text
 
 from main import create_app
-from tests.conftest import API_KEY, create_agent, make_settings
+from tests.conftest import create_agent, make_settings, running_app
 from tests.test_knowledge import FAQ, PRICING, _pdf
 
 pytestmark = pytest.mark.slow
@@ -44,14 +44,8 @@ class Running:
 
 
 async def _running(tmp_path: Path) -> AsyncIterator[Running]:
-    app = create_app(_settings(tmp_path))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        headers = {"Authorization": f"Bearer {API_KEY}"}
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://testserver", headers=headers
-        ) as http:
-            yield Running(app, http)
+    async with running_app(_settings(tmp_path)) as (app, http):
+        yield Running(app, http)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import io
 from datetime import UTC, datetime, timedelta
 
 from routes_webhooks import call_batches
-from tests.conftest import PUBLIC_BASE, create_agent, make_settings, post_signed
+from tests.conftest import PUBLIC_BASE, create_agent, make_settings, post_signed, running_app
 from tests.post_call_support import (
     AGENT_NUMBER,
     CALLER_NUMBER,
@@ -17,7 +17,6 @@ from tests.post_call_support import (
     CallDriver,
     WebhookReceiver,
     eventually,
-    running_app,
     sales_conversation,
 )
 

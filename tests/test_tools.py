@@ -25,10 +25,10 @@ from sqlalchemy import func, select
 from emulators.audio import synth_speech
 from emulators.ollama import Reply
 from emulators.twilio_caller import Hangup, HangupAfterAgentAudio, SayAfterAgentAudio
-from main import create_app
 from models import Booking, Call, ToolInvocation
 from providers import ToolCall
-from tests.conftest import API_KEY, create_agent, make_settings
+from tests.conftest import create_agent, make_settings
+from tests.conftest import running_app as app_with_client
 from tests.harness import AGENT_NUMBER, CALLER_NUMBER, LiveStack
 from tests.tool_server import ToolServer
 from voice_pipeline import AgentConfig, ToolContext, ToolOutcome
@@ -95,14 +95,8 @@ class Env:
 
 @asynccontextmanager
 async def running_app(tmp_path: Path, **overrides: Any) -> AsyncIterator[Env]:
-    app = create_app(make_settings(tmp_path, **overrides))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        headers = {"Authorization": f"Bearer {API_KEY}"}
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://testserver", headers=headers
-        ) as http:
-            yield Env(app, http)
+    async with app_with_client(make_settings(tmp_path, **overrides)) as (app, http):
+        yield Env(app, http)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.conftest import ACCOUNT_SID, create_agent, make_settings, post_signed
+from tests.conftest import ACCOUNT_SID, create_agent, make_settings, post_signed, running_app
 
 AGENT_NUMBER = "+14155550100"
 
@@ -87,22 +87,8 @@ async def test_status_callbacks_only_move_forward(client):
 
 @pytest.fixture
 async def dial_client(tmp_path, twilio_emulator):
-    from main import create_app
-
     settings = make_settings(tmp_path, TWILIO_API_BASE_URL=twilio_emulator.url)
-    app = create_app(settings)
-    import httpx
-
-    from tests.conftest import API_KEY
-
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://testserver",
-            headers={"Authorization": f"Bearer {API_KEY}"},
-        ) as http,
-    ):
+    async with running_app(settings) as (_, http):
         yield http
 
 

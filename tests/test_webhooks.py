@@ -13,7 +13,7 @@ import pytest
 
 from emulators.ollama import OllamaEmulator, Reply
 from netguard import PublicOnlyTransport, UnsafeURLError, check_public_url
-from tests.conftest import create_agent, make_settings
+from tests.conftest import create_agent, make_settings, running_app
 from tests.post_call_support import (
     AGENT_NUMBER,
     FAST,
@@ -23,7 +23,6 @@ from tests.post_call_support import (
     WebhookReceiver,
     eventually,
     free_port,
-    running_app,
     sales_conversation,
     verify_signature,
 )
