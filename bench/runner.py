@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.calibrate import emulator_floor
 from bench.load import (
     LoadPlan,
     api_client,
@@ -106,6 +107,7 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
     """The load phase and its report."""
     script = SCRIPTS[config.script]
     plan = LoadPlan(config.calls, config.duration_s, config.stagger_s, script, config.max_call_s)
+    floor = await emulator_floor(stack, providers)
     metrics_before = await read_metrics(stack)
     idle_rate = await idle_cpu_rate(stack)
     idle = stack.server_sample()
@@ -143,6 +145,7 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
     resources["other_processes_cpu_s"] = round(busy / CLOCK_TICKS - ours, 1)
     resources["wall_s"] = round(wall_s, 1)
     result = _figures(outcomes, script, providers, calls, resources)
+    result["emulator_floor"] = floor  # before evaluate(): the net overhead needs it
     result["inbound_frames_dropped"] = metrics_after.get(DROPPED, 0) - metrics_before.get(
         DROPPED, 0
     )

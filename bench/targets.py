@@ -30,6 +30,16 @@ def _target(name: str, value: Any, limit: float, kind: str = "<=") -> dict[str, 
     return {"target": name, "value": value, "limit": f"{kind} {limit:g}", "met": met}
 
 
+def _net_overhead(report: dict[str, Any]) -> float | None:
+    """Overhead p95 less the emulators' own median extra delay (LLM + TTS), measured idle."""
+    total = _get(report, "server.overhead.total.p95")
+    llm = _get(report, "emulator_floor.llm_ttft_extra_ms.p50")
+    tts = _get(report, "emulator_floor.tts_first_byte_extra_ms.p50")
+    if total is None or llm is None or tts is None:
+        return None
+    return round(total - llm - tts, 1)
+
+
 def evaluate(report: dict[str, Any], providers: Providers, script: CallScript) -> list[dict]:
     budget = max(providers.budget_ms(r) for r in script.replies)
     calls = report["calls"]
@@ -38,6 +48,7 @@ def evaluate(report: dict[str, Any], providers: Providers, script: CallScript) -
         _target("inbound frames dropped", report["inbound_frames_dropped"], 0),
         _target("calls per server core", _get(report, "resources.calls_per_core"), 200, ">="),
         _target("pipeline overhead p95 ms", _get(report, "server.overhead.total.p95"), 10),
+        _target("  same, net of emulator floor", _net_overhead(report), 10),
         _target(
             "voice-to-voice p95 ms (providers + 30)",
             _get(report, "caller.voice_to_voice_ms.p95"),
@@ -100,6 +111,11 @@ def table(report: dict[str, Any]) -> str:
     for section in ("calls", "backchannel", "resources"):
         flat = {k: v for k, v in report[section].items() if not isinstance(v, dict | list)}
         lines.append(f"{section}: " + ", ".join(f"{k}={_cell(v)}" for k, v in flat.items()))
+    floor = report.get("emulator_floor") or {}
+    lines.append(
+        "emulator floor (direct, idle; counted in the overhead above): "
+        + ", ".join(f"{k} p50={_cell((v or {}).get('p50'))}" for k, v in floor.items())
+    )
     caller = report["caller"]
     lines.append(
         f"counters: inbound_frames_dropped={_cell(report['inbound_frames_dropped'])}, "
