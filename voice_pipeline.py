@@ -599,6 +599,9 @@ class CallSession:
 
     def _on_speech_start(self, event: VADSpeechStart) -> None:
         self._last_activity = self.clock()
+        # speech again: an earlier end of speech is no longer the end of this utterance
+        self._timing.eos_at = None
+        self._utt_end = None
         if self._utt_onset is None:
             self._utt_onset = event.onset
         if self._speech is not None and not self._paused and self._barge_in is None:
@@ -1176,6 +1179,7 @@ class CallSession:
         stale = ended is not None and now - ended > BARGE_IN_RESOLVE_S
         if stale and not self._finals and not self._interim:
             self._resume_after_barge_in("no-transcript")
+            self._timing, self._utt_onset, self._utt_end = TurnTiming(), None, None
 
     def _flush_dtmf(self, now: float) -> None:
         if not self._dtmf or (now - self._dtmf_at < 1.5 and self._dtmf[-1] != "#"):
