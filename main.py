@@ -30,7 +30,7 @@ from llm_ollama import OllamaLLM
 from metrics import PipelineMetrics
 from netguard import PublicOnlyTransport
 from post_call import PostCall
-from stt_deepgram import DeepgramSTT
+from stt_deepgram import DeepgramSTT, StreamPolicy
 from telephony import TwilioGateway
 from tools import AgentTools
 from tts_deepgram import DeepgramTTS
@@ -79,7 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.db, app.state.twilio, app.state.llm = database, twilio, llm
         app.state.calls = CallManager(
             PipelineDeps(
-                stt=DeepgramSTT(settings),
+                # 100 ms per send: a fifth of the frames; Finalize flushes at end of speech
+                stt=DeepgramSTT(settings, policy=StreamPolicy(batch_ms=100)),
                 llm=llm,
                 tts=tts,
                 store=store,

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
 mkdir -p data
-exec .venv/bin/uvicorn main:create_app --factory --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" "$@"
+exec .venv/bin/uvicorn main:create_app --factory --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" \
+  --ws-per-message-deflate false "$@"

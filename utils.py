@@ -42,6 +42,7 @@ def _build_encode_table() -> np.ndarray:
 
 
 _DECODE = _build_decode_table()
+_DECODE_FLOAT = _DECODE.astype(np.float32) / 32768.0
 _ENCODE = _build_encode_table()
 
 
@@ -58,7 +59,7 @@ def mulaw_encode(pcm: np.ndarray) -> bytes:
 
 def mulaw_to_float(data: bytes) -> np.ndarray:
     """mu-law bytes -> float32 samples in [-1, 1), the form VAD models take."""
-    return _DECODE[np.frombuffer(data, dtype=np.uint8)].astype(np.float32) / 32768.0
+    return _DECODE_FLOAT[np.frombuffer(data, dtype=np.uint8)]
 
 
 def audio_seconds(n_bytes: int) -> float:

@@ -96,6 +96,8 @@ class ThreadedServer:
             lifespan="off",
             http="httptools",
             ws="websockets-sansio",
+            # audio does not compress: negotiating permessage-deflate only burns CPU
+            ws_per_message_deflate=False,
             timeout_graceful_shutdown=3,
         )
         self._server = uvicorn.Server(config)
