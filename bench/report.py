@@ -37,6 +37,8 @@ from voice_pipeline import LEAD_S
 
 STAGES = ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_media_ms")
 FRAME_S = 0.02
+STRAY_S = 0.05
+"""A frame arriving this soon after a clear, before any other, was sent after the clear."""
 CONTINUING_GAP_S = 1.0
 """A dry buffer shorter than this, with no clear in between, is an underrun inside an
 answer; longer gaps are between turns (the caller speaks for a second or more)."""
@@ -137,11 +139,16 @@ def pacing(result: CallerResult) -> dict[str, list[float]]:
     play_end, prev_arrival, steady = 0.0, -math.inf, False
     prev_late: float | None = None
     late, jitter, underruns = [], [], []
+    last_clear, stray = -math.inf, 0
     for arrival, size in result.media:
         if clears and clears[0] <= arrival:
             while clears and clears[0] <= arrival:
-                play_end = min(play_end, clears.pop(0))
+                last_clear = clears.pop(0)
+                play_end = min(play_end, last_clear)
             prev_arrival = -math.inf
+        if arrival - last_clear < STRAY_S and prev_arrival == -math.inf:
+            stray += 1  # sent just after the clear: the caller hears a stale frame
+            continue
         if arrival >= play_end:
             if arrival - prev_arrival < CONTINUING_GAP_S:
                 underruns.append((arrival - play_end) * 1000)
@@ -156,7 +163,7 @@ def pacing(result: CallerResult) -> dict[str, list[float]]:
         steady = steady or start - arrival >= LEAD_S - FRAME_S
         play_end = start + size / 8000
         prev_arrival = arrival
-    return {"lateness": late, "jitter": jitter, "underruns": underruns}
+    return {"lateness": late, "jitter": jitter, "underruns": underruns, "stray": [stray]}
 
 
 def _resume_gap(result: CallerResult, clear_at: float) -> float | None:
@@ -169,7 +176,9 @@ def backchannel_figures(outcomes: list[CallOutcome], script: CallScript) -> dict
     """False interruptions (server turns) and backchannel pauses (caller clears)."""
     if BACKCHANNEL not in script.lines:
         return {"calls": 0, "false_interruptions": 0, "pauses": 0, "pause_ms": percentiles([])}
-    false_calls, pauses, pause_ms, checked = [], 0, [], 0
+    false_calls: list[str] = []
+    pause_ms: list[float | None] = []
+    pauses = checked = 0
     for outcome in outcomes:
         spoke = [s for s in outcome.caller.speech if s.label == BACKCHANNEL.label]
         if not spoke or not outcome.detail:
@@ -177,11 +186,11 @@ def backchannel_figures(outcomes: list[CallOutcome], script: CallScript) -> dict
         checked += 1
         if _false_interruption(outcome, script):
             false_calls.append(outcome.call_id)
-        latencies = outcome.caller.barge_in_latencies()
         index = outcome.caller.speech.index(spoke[0])
-        if latencies[index] is not None:
+        latency = outcome.caller.barge_in_latencies()[index]
+        if latency is not None:
             pauses += 1
-            pause_ms.append(_resume_gap(outcome.caller, spoke[0].start + latencies[index]))
+            pause_ms.append(_resume_gap(outcome.caller, spoke[0].start + latency))
     return {
         "calls": checked,
         "false_interruptions": len(false_calls),
@@ -203,7 +212,7 @@ def _false_interruption(outcome: CallOutcome, script: CallScript) -> bool:
 def caller_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str, Any]:
     results = [o.caller for o in outcomes]
     v2v, after_barge, barge, missed = [], [], [], 0
-    late, jitter, underruns = [], [], []
+    late, jitter, underruns, stray = [], [], [], 0
     for r in results:
         v2v += _segment_values(r, r.turn_latencies(), script.normal_turns)
         after_barge += _segment_values(r, r.turn_latencies(), [BARGE_IN.label])
@@ -211,11 +220,10 @@ def caller_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str,
         missed += sum(1 for h in hits if h is None)
         barge += hits
         p = pacing(r)
-        late, jitter, underruns = (
-            late + p["lateness"],
-            jitter + p["jitter"],
-            underruns + p["underruns"],
-        )
+        late += p["lateness"]
+        jitter += p["jitter"]
+        underruns += p["underruns"]
+        stray += int(p["stray"][0])
     return {
         "greeting_ms": percentiles(
             None if r.greeting_latency is None else r.greeting_latency * 1000 for r in results
@@ -229,6 +237,7 @@ def caller_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str,
         "underruns": len(underruns),
         "underrun_ms": percentiles(underruns),
         "frames_received": sum(len(r.media) for r in results),
+        "frames_after_clear": stray,
     }
 
 

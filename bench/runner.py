@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import os
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,55 +102,78 @@ async def warm_up(stack: BenchStack, script: CallScript) -> None:
     await run_load(stack, LoadPlan(1, 0.0, 0.0, first, max_call_s=40.0))
 
 
+@dataclass(frozen=True)
+class Readings:
+    """Counters read before and after the load."""
+
+    server: ProcSample
+    emulators: ProcSample
+    generator: ProcSample
+    machine: tuple[float, float]
+    metrics: dict[str, float]
+
+
+async def take_readings(stack: BenchStack) -> Readings:
+    return Readings(
+        stack.server_sample(),
+        stack.emulator_sample(),
+        proc_sample(os.getpid()),
+        machine_busy(),
+        await read_metrics(stack),
+    )
+
+
 async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -> dict[str, Any]:
     """The load phase and its report."""
     script = SCRIPTS[config.script]
     plan = LoadPlan(config.calls, config.duration_s, config.stagger_s, script, config.max_call_s)
     floor = await emulator_floor(stack, providers)
-    metrics_before = await read_metrics(stack)
     idle_rate = await idle_cpu_rate(stack)
-    idle = stack.server_sample()
-    emulators_before, self_before = stack.emulator_sample(), proc_sample(os.getpid())
-    busy_before = machine_busy()
-    started = time.monotonic()
-    with PeakSampler(idle_pid(stack)) as sampler:
+    before = await take_readings(stack)
+    with PeakSampler(server_pid(stack)) as sampler:
         outcomes = await run_load(stack, plan)
-    wall_s = time.monotonic() - started
-    after = stack.server_sample()
-    busy_after = machine_busy()
-    metrics_after = await read_metrics(stack)
+    after = await take_readings(stack)
     await fetch_details(stack, outcomes)
     calls = report.call_figures(outcomes, script)
-    resources = report.resource_figures(
-        _cpu_delta(idle, after),
-        calls["call_seconds"],
-        idle.rss_bytes,
-        max(sampler.peak_rss, after.rss_bytes),
-        calls["peak_concurrent"] or config.calls,
-    )
-    resources["idle_cpu_s_per_s"] = round(idle_rate, 4)
-    resources["server_peak_cpu_pct"] = sampler.peak_cpu_pct
-    net_cpu = _cpu_delta(idle, after) - idle_rate * wall_s
-    resources["calls_per_core_net_of_idle"] = report.resource_figures(
-        net_cpu, calls["call_seconds"], 0, 0, 1
-    )["calls_per_core"]
-    resources["emulators_cpu_s"] = round(_cpu_delta(emulators_before, stack.emulator_sample()), 2)
-    resources["load_generator_cpu_s"] = round(_cpu_delta(self_before, proc_sample(os.getpid())), 2)
-    busy, total = (a - b for a, b in zip(busy_after, busy_before, strict=True))
-    resources["machine_cpu_busy_pct"] = round(100 * busy / max(total, 1), 1)
-    ours = (
-        _cpu_delta(idle, after) + resources["emulators_cpu_s"] + resources["load_generator_cpu_s"]
-    )
-    resources["other_processes_cpu_s"] = round(busy / CLOCK_TICKS - ours, 1)
-    resources["wall_s"] = round(wall_s, 1)
-    result = _figures(outcomes, script, providers, calls, resources)
+    result = _figures(outcomes, script, providers, calls)
+    result["resources"] = resources(before, after, sampler, idle_rate, calls)
     result["emulator_floor"] = floor  # before evaluate(): the net overhead needs it
-    result["inbound_frames_dropped"] = metrics_after.get(DROPPED, 0) - metrics_before.get(
+    result["inbound_frames_dropped"] = after.metrics.get(DROPPED, 0) - before.metrics.get(
         DROPPED, 0
     )
     result["run"] = {**asdict(config), "providers": asdict(providers), "cores": os.cpu_count()}
     result["targets"] = evaluate(result, providers, script)
     return result
+
+
+def resources(
+    before: Readings, after: Readings, sampler: PeakSampler, idle_rate: float, calls: dict
+) -> dict[str, Any]:
+    """Service CPU and memory per call, and what else used the machine meanwhile."""
+    wall_s = after.server.at - before.server.at
+    server_cpu = _cpu_delta(before.server, after.server)
+    out = report.resource_figures(
+        server_cpu,
+        calls["call_seconds"],
+        before.server.rss_bytes,
+        max(sampler.peak_rss, after.server.rss_bytes),
+        calls["peak_concurrent"] or 1,
+    )
+    net = report.resource_figures(server_cpu - idle_rate * wall_s, calls["call_seconds"], 0, 0, 1)
+    emulators = _cpu_delta(before.emulators, after.emulators)
+    generator = _cpu_delta(before.generator, after.generator)
+    busy, total = (a - b for a, b in zip(after.machine, before.machine, strict=True))
+    return {
+        **out,
+        "idle_cpu_s_per_s": round(idle_rate, 4),
+        "server_peak_cpu_pct": sampler.peak_cpu_pct,
+        "calls_per_core_net_of_idle": net["calls_per_core"],
+        "emulators_cpu_s": round(emulators, 2),
+        "load_generator_cpu_s": round(generator, 2),
+        "machine_cpu_busy_pct": round(100 * busy / max(total, 1), 1),
+        "other_processes_cpu_s": round(busy / CLOCK_TICKS - server_cpu - emulators - generator, 1),
+        "wall_s": round(wall_s, 1),
+    }
 
 
 async def idle_cpu_rate(stack: BenchStack, seconds: float = 3.0) -> float:
@@ -162,7 +184,7 @@ async def idle_cpu_rate(stack: BenchStack, seconds: float = 3.0) -> float:
     return (after.cpu_s - before.cpu_s) / (after.at - before.at)
 
 
-def idle_pid(stack: BenchStack) -> int:
+def server_pid(stack: BenchStack) -> int:
     assert stack.server is not None
     return stack.server.pid
 
@@ -172,14 +194,12 @@ def _figures(
     script: CallScript,
     providers: Providers,
     calls: dict[str, Any],
-    resources: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "calls": calls,
         "server": report.server_figures(outcomes, script, providers),
         "caller": report.caller_figures(outcomes, script),
         "backchannel": report.backchannel_figures(outcomes, script),
-        "resources": resources,
         "budget_ms": {
             "providers": {r[:40]: round(providers.budget_ms(r), 1) for r in script.replies},
             "first_chunk_ms": {r[:40]: providers.first_chunk_ms(r) for r in script.replies},

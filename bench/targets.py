@@ -2,9 +2,9 @@
 
 Voice-to-voice has two budgets. The strict one is the issue's: the sum of provider
 latencies (STT final + LLM first token + first-chunk generation + TTS first byte) + 30 ms.
-The pipeline also waits for the caller to stop talking before it asks for the final
-transcript (Silero VAD must hear TURN_DETECTION_MS of silence), a turn-taking policy rather
-than a provider latency, so the second budget adds it.
+The pipeline also waits for the caller to stop talking before the turn ends (about
+TURN_DETECTION_MS of silence), a turn-taking policy rather than a provider latency, so the
+second budget adds it.
 """
 
 from __future__ import annotations
@@ -13,8 +13,12 @@ from typing import Any
 
 from bench.script import CallScript, Providers
 
-TURN_DETECTION_MS = 250
-"""vad.VADStream's min_silence_ms: silence heard before the pipeline sends Finalize."""
+TURN_DETECTION_MS = 300
+"""Silence before the final transcript is asked for or sent: Deepgram's endpointing
+(DEEPGRAM_ENDPOINTING_MS=300) and the pipeline's Finalize path (Silero VAD's end of speech,
+measured about 70 ms after the last sample, plus min_silence_ms=250) end the turn at about
+the same time; the benchmark's server stages show the final about 300 + 150 ms after the
+caller's last sample."""
 SLACK_MS = 30
 
 
@@ -120,7 +124,8 @@ def table(report: dict[str, Any]) -> str:
     lines.append(
         f"counters: inbound_frames_dropped={_cell(report['inbound_frames_dropped'])}, "
         f"underruns={caller['underruns']}, barge_in_missed={caller['barge_in_missed']}, "
-        f"frames_received={caller['frames_received']}"
+        f"frames_received={caller['frames_received']}, "
+        f"frames_after_clear={caller['frames_after_clear']}"
     )
     lines.append("")
     for t in report["targets"]:
