@@ -178,6 +178,7 @@ class BenchStack:
         self.port = free_port()
         command = [sys.executable, "-m", "uvicorn", "main:create_app", "--factory"]
         command += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        command += ["--ws-per-message-deflate", "false"]  # as run.sh: audio does not compress
         if self.fast_loop:
             command += ["--loop", "uvloop", "--http", "httptools"]
         self.server = subprocess.Popen(
