@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from models import TERMINAL_STATUSES, Agent, Booking, Call, CallEvent, TranscriptTurn
@@ -155,12 +156,21 @@ class SqlCallStore:
             apply_status(call, "in-progress")
             await self.hook(session, call, "call.started")
 
-    async def add_turn(self, call_id: str, **fields: Any) -> None:
+    async def add_turn(self, call_id: str, *, seq: int | None = None, **fields: Any) -> None:
+        """`seq` comes from the call's session (the only writer of its turns), so the write
+        transaction does no read before its first write: SQLite's single write lock is held
+        for as few awaits as possible."""
+        try:
+            await self._insert_turn(call_id, seq, fields)
+        except IntegrityError:  # a second stream for one call: number after what is stored
+            await self._insert_turn(call_id, None, fields)
+
+    async def _insert_turn(self, call_id: str, seq: int | None, fields: dict[str, Any]) -> None:
         async with self.sessionmaker() as session, session.begin():
-            seq = await next_turn_seq(session, call_id)
-            turn = TranscriptTurn(call_id=call_id, seq=seq, **fields)
-            session.add(turn)
             call = await session.get(Call, call_id)
+            if seq is None:
+                seq = await next_turn_seq(session, call_id)
+            session.add(TranscriptTurn(call_id=call_id, seq=seq, **fields))
             if call is not None:
                 await self.hook(session, call, "call.transcript")
 

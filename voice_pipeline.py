@@ -60,6 +60,9 @@ LEAD_S = 0.3
 """Outbound audio kept queued at Twilio ahead of the playback clock: enough to ride out
 network jitter, little enough that a barge-in has little to clear."""
 FRAME_S = FRAME_BYTES / SAMPLE_RATE
+OUTBOUND_BYTES = 2 * FRAME_BYTES
+"""Audio per outbound `media` message: 40 ms. Twilio buffers any length; two frames per
+message halve the messages and syscalls of the busiest path."""
 DEFAULT_PLAYOUT_LAG_S = 0.08
 RESUME_BACKUP_S = 0.3
 """On resuming after a false barge-in, repeat this much: a little repetition after a pause
@@ -403,6 +406,8 @@ class CallSession:
         self._playout_lag = DEFAULT_PLAYOUT_LAG_S
         self._paused = False
         self._wake_pacer = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._turn_seq = 0
         self._sent_more = asyncio.Event()
         # inbound utterance
         self._finals: list[str] = []
@@ -506,6 +511,10 @@ class CallSession:
                     await store.finish(call_id, **payload)
             except Exception:
                 log.exception("call %s: could not persist %s", call_id, kind)
+
+    def _next_seq(self) -> int:
+        self._turn_seq += 1
+        return self._turn_seq
 
     def _event(self, type_: str, **data: Any) -> None:
         self._write("event", (type_, data, self.call_time()))
@@ -687,6 +696,7 @@ class CallSession:
         self._write(
             "turn",
             {
+                "seq": self._next_seq(),
                 "role": "user",
                 "text": text,
                 "start_s": round(onset or 0.0, 3),
@@ -794,6 +804,7 @@ class CallSession:
             self._write(
                 "turn",
                 {
+                    "seq": self._next_seq(),
                     "role": "assistant",
                     "text": text,
                     "start_s": round((speech.first_media_at or speech.end_at) - self.started_at, 3),
@@ -915,8 +926,8 @@ class CallSession:
     async def _send_frame(self, speech: Speech) -> None:
         complete = speech.complete_bytes()
         available = len(speech.audio) - speech.sent
-        size = min(FRAME_BYTES, available)
-        if 0 < size < FRAME_BYTES and speech.sent + size > complete:
+        size = min(OUTBOUND_BYTES, available)
+        if 0 < size < OUTBOUND_BYTES and speech.sent + size > complete:
             # a partial frame only at the end of a chunk; otherwise wait for more audio
             self._wake_pacer.clear()
             return
@@ -929,7 +940,8 @@ class CallSession:
             if speech.first_media_at is None:
                 speech.first_media_at = now
                 self._first_media(speech)
-            await self._send(self._media_prefix + base64.b64encode(payload).decode() + '"}}')
+            media = self._media_prefix + base64.b64encode(payload).decode() + '"}}'
+            await self._send(media, generation=self._generation)
         for chunk in speech.chunks:
             if chunk.end is not None and not chunk.mark_sent and speech.sent >= chunk.end:
                 chunk.mark_sent = True
@@ -963,11 +975,16 @@ class CallSession:
         sample = min(max(sample, 0.0), MAX_PLAYOUT_LAG_S)
         self._playout_lag = 0.7 * self._playout_lag + 0.3 * sample
 
-    async def _send(self, text: str) -> None:
-        try:
-            await self.transport.send_text(text)
-        except Exception:
-            raise _CallEnded(self._hangup_reason()) from None
+    async def _send(self, text: str, generation: int | None = None) -> None:
+        """Writes in order, one at a time. Audio built before a `clear` (an older
+        `generation`) is dropped rather than sent after it: the rewind resends it."""
+        async with self._send_lock:
+            if generation is not None and generation != self._generation:
+                return
+            try:
+                await self.transport.send_text(text)
+            except Exception:
+                raise _CallEnded(self._hangup_reason()) from None
 
     def _spawn(self, coro: Any) -> None:
         assert self._tg is not None
