@@ -274,6 +274,8 @@ async def test_listen_segments_a_tone_burst_into_a_scripted_utterance(
     assert messages[-2].last_word_end == pytest.approx(1.1, abs=0.03)
     assert messages[-1].duration == pytest.approx(len(audio) / 8000)
 
+    async with asyncio.timeout(5):  # recorded by the server thread just after it closes
+        await async_wait_until(lambda: deepgram.listen_connections[0].close_reason is not None)
     (record,) = deepgram.listen_connections
     assert record.audio_bytes == len(audio)
     assert record.query["endpointing"] == "300" and record.query["vad_events"] == "true"
@@ -386,6 +388,9 @@ async def test_listen_drop_then_refuse_then_reconnect(deepgram: DeepgramEmulator
     async with client.listen.v1.connect(**LISTEN) as conn:
         await conn.send_close_stream()
         assert (await asyncio.wait_for(conn.recv(), 5)).type == "Metadata"
+    # the server thread records the close just after sending Metadata
+    async with asyncio.timeout(5):
+        await async_wait_until(lambda: deepgram.listen_connections[-1].close_reason is not None)
     records = deepgram.listen_connections
     assert [r.close_reason for r in records] == ["dropped", "close_stream"]
     assert (deepgram.listen_connects, deepgram.listen_refused) == (2, 1)
