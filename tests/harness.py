@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import httpx
 from twilio.request_validator import RequestValidator
 
 from config import Settings
-from emulators.base import ThreadedServer
+from emulators.base import ThreadedServer, async_wait_until
 from emulators.deepgram import DeepgramEmulator
 from emulators.ollama import OllamaEmulator
 from emulators.twilio_caller import Action, CallerResult, TwilioCaller, new_sid
@@ -171,6 +172,18 @@ class LiveStack:
                     return body  # type: ignore[no-any-return]
                 await asyncio.sleep(0.05)
         raise AssertionError(f"call {call_id} never recorded its end: {body}")
+
+    def when(
+        self, condition: Callable[[], bool], action: Callable[[], object], timeout: float = 30.0
+    ) -> asyncio.Task[None]:
+        """A task that runs `action` (a fault to inject, say) once `condition` holds."""
+
+        async def wait_then_act() -> None:
+            async with asyncio.timeout(timeout):
+                await async_wait_until(condition)
+            action()
+
+        return asyncio.create_task(wait_then_act())
 
     def active_calls(self) -> int:
         return len(self.app.state.calls.active)

@@ -210,14 +210,9 @@ async def test_deepgram_drop_mid_call_then_recovery(tmp_path, lines):
     ) as stack:
         await stack.create_agent()
 
-        async def drop_after_first_answer() -> None:
-            for _ in range(400):
-                if len(stack.ollama.requests) >= 1:
-                    break
-                await asyncio.sleep(0.05)
-            stack.deepgram.drop_listen_connections()
-
-        dropper = asyncio.create_task(drop_after_first_answer())
+        dropper = stack.when(
+            lambda: len(stack.ollama.requests) >= 1, stack.deepgram.drop_listen_connections
+        )
         call_id, _ = await stack.inbound_call(
             [
                 SayAfterAgentAudio(1, 0.4, lines["more"], anchor="end"),
@@ -398,14 +393,10 @@ async def test_tts_failure_retries_once_then_speaks_the_fallback(tmp_path, lines
     ) as stack:
         await stack.create_agent(fallback_line=fallback)
 
-        async def break_tts_after_greeting() -> None:
-            for _ in range(400):
-                if stack.deepgram.speak_requests:
-                    break
-                await asyncio.sleep(0.02)
-            stack.deepgram.fail_next_speak(2)  # the first answer chunk and its retry
-
-        breaker = asyncio.create_task(break_tts_after_greeting())
+        # the first answer chunk and its retry fail
+        breaker = stack.when(
+            lambda: bool(stack.deepgram.speak_requests), lambda: stack.deepgram.fail_next_speak(2)
+        )
         call_id, result = await stack.inbound_call(
             [
                 SayAfterAgentAudio(1, 0.4, lines["more"], anchor="end"),
