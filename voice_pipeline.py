@@ -338,12 +338,10 @@ class Speech:
 
 @dataclass(slots=True)
 class BargeIn:
-    onset_audio: float
-    detected_at: float
-    cleared_at: float
+    """A pause for caller speech, waiting for the transcript to confirm or dismiss it."""
+
     speech: Speech
     heard: str
-    played_bytes: int
     vad_ended_at: float | None = None
 
 
@@ -725,21 +723,14 @@ class CallSession:
     def _pause_for_barge_in(self, event: VADSpeechStart) -> None:
         speech = self._speech
         assert speech is not None
+        now = self.clock()
         played = self._played_bytes(speech)
         self._send_clear()
         self._rewind(speech, played)
-        self._play_end = self.clock()
+        self._play_end = now
         self._paused = True
-        now = self.clock()
         onset_clock = self._audio_to_clock(event.onset) or now
-        self._barge_in = BargeIn(
-            onset_audio=event.onset,
-            detected_at=event.detected_at,
-            cleared_at=now,
-            speech=speech,
-            heard=speech.heard_text(played),
-            played_bytes=played,
-        )
+        self._barge_in = BargeIn(speech=speech, heard=speech.heard_text(played))
         latency = max(now - onset_clock, 0.0)
         self.deps.metrics.barge_in_latency.observe(latency)
         self._event("barge_in", onset_s=round(event.onset, 3), latency_ms=round(latency * 1000, 1))
