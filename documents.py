@@ -460,13 +460,7 @@ class _HtmlWalker:
         self._inline: list[str] = []
 
     def walk(self, node: Tag) -> None:
-        for child in node.children:
-            if isinstance(child, Comment):
-                continue
-            if isinstance(child, NavigableString):
-                self._inline.append(str(child))
-            elif isinstance(child, Tag):
-                self._element(child)
+        self._inline_children(node)
         self._flush()
 
     def _element(self, tag: Tag) -> None:
