@@ -2,14 +2,17 @@
 
 The lifecycle only moves forward (`queued → ringing → in-progress → terminal`), so duplicate
 or out-of-order Twilio callbacks never move a call backwards. `SqlCallStore` implements the
-pipeline's `CallStore` protocol on SQLAlchemy; each turn is committed as it completes.
+pipeline's `CallStore` protocol on SQLAlchemy; turns and events are group-committed:
+one transaction for whatever all live calls queued meanwhile.
 
 Must not import FastAPI or vendor SDKs.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -70,6 +73,27 @@ async def next_turn_seq(session: AsyncSession, call_id: str) -> int:
     return (current or 0) + 1
 
 
+MAX_BATCH = 200
+"""Writes per group-commit transaction."""
+
+
+@dataclass(slots=True)
+class _Write:
+    kind: str  # "turn" | "event"
+    call_id: str
+    fields: dict[str, Any]
+    done: asyncio.Future[None] | None = None
+
+
+def _settle(future: asyncio.Future[None] | None, exc: Exception | None) -> None:
+    if future is None or future.done():
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)
+
+
 async def _noop_hook(session: AsyncSession, call: Call, event: str) -> None:
     return None
 
@@ -89,6 +113,8 @@ class SqlCallStore:
         self.hook = hook or _noop_hook
         self.default_model = default_model
         self.fallback_line = fallback_line
+        self._queue: list[_Write] = []
+        self._drainer: asyncio.Task[None] | None = None
 
     async def load(self, call_id: str) -> tuple[Call, Agent | None] | None:
         async with self.sessionmaker() as session:
@@ -160,27 +186,78 @@ class SqlCallStore:
         """`seq` comes from the call's session (the only writer of its turns), so the write
         transaction does no read before its first write: SQLite's single write lock is held
         for as few awaits as possible."""
-        try:
-            await self._insert_turn(call_id, seq, fields)
-        except IntegrityError:  # a second stream for one call: number after what is stored
-            await self._insert_turn(call_id, None, fields)
-
-    async def _insert_turn(self, call_id: str, seq: int | None, fields: dict[str, Any]) -> None:
-        async with self.sessionmaker() as session, session.begin():
-            call = await session.get(Call, call_id)
-            if seq is None:
-                seq = await next_turn_seq(session, call_id)
-            session.add(TranscriptTurn(call_id=call_id, seq=seq, **fields))
-            if call is not None:
-                await self.hook(session, call, "call.transcript")
+        await self._group_commit(_Write("turn", call_id, {"seq": seq, **fields}))
 
     async def add_event(
         self, call_id: str, type_: str, data: dict[str, Any], call_time_s: float | None = None
     ) -> None:
+        fields = {"type": type_, "data": data, "call_time_s": call_time_s}
+        await self._group_commit(_Write("event", call_id, fields))
+
+    # --- group commit: the turns and events of every live call, one transaction per batch --
+
+    async def _group_commit(self, write: _Write) -> None:
+        """Queue `write` and wait until it is committed (or failed). One drain task writes
+        whatever all calls queued meanwhile in one transaction, so under load the number of
+        transactions stays flat while calls grow; alone, a write is its own transaction."""
+        loop = asyncio.get_running_loop()
+        write.done = loop.create_future()
+        self._queue.append(write)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain(), name="call-store-writes")
+        await asyncio.shield(write.done)
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            try:
+                await self._write_batch(batch)
+            except Exception:  # one bad row must not cost the others theirs: one by one
+                for write in batch:
+                    await self._write_alone(write)
+                continue
+            for write in batch:
+                _settle(write.done, None)
+
+    async def _write_alone(self, write: _Write) -> None:
+        try:
+            try:
+                await self._write_batch([write])
+            except IntegrityError:
+                if write.kind != "turn":
+                    raise
+                # a second stream for one call: number after what is stored
+                renumbered = {**write.fields, "seq": None}
+                await self._write_batch([_Write("turn", write.call_id, renumbered)])
+        except Exception as exc:
+            _settle(write.done, exc)
+        else:
+            _settle(write.done, None)
+
+    async def _write_batch(self, batch: list[_Write]) -> None:
         async with self.sessionmaker() as session, session.begin():
-            session.add(CallEvent(call_id=call_id, type=type_, data=data, call_time_s=call_time_s))
-            if type_ == "tool_called" and (call := await session.get(Call, call_id)) is not None:
-                await self.hook(session, call, "tool.called")
+            ids = {write.call_id for write in batch}
+            calls = {
+                call.id: call
+                for call in await session.scalars(select(Call).where(Call.id.in_(ids)))
+            }
+            # Agents into the identity map: hooks read them without another query.
+            agent_ids = {call.agent_id for call in calls.values() if call.agent_id}
+            if agent_ids:
+                await session.scalars(select(Agent).where(Agent.id.in_(agent_ids)))
+            for write in batch:
+                call = calls.get(write.call_id)
+                if write.kind == "turn":
+                    fields = dict(write.fields)
+                    if fields["seq"] is None:
+                        fields["seq"] = await next_turn_seq(session, write.call_id)
+                    session.add(TranscriptTurn(call_id=write.call_id, **fields))
+                    if call is not None:
+                        await self.hook(session, call, "call.transcript")
+                else:
+                    session.add(CallEvent(call_id=write.call_id, **write.fields))
+                    if call is not None and write.fields["type"] == "tool_called":
+                        await self.hook(session, call, "tool.called")
 
     async def set_fields(self, call_id: str, **fields: Any) -> None:
         async with self.sessionmaker() as session, session.begin():

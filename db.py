@@ -60,7 +60,10 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         _ensure_sqlite_dir(url)
-        self.engine: AsyncEngine = create_async_engine(url, pool_pre_ping=True)
+        # A pre-ping is one more round trip to the driver's thread per checkout; a SQLite file
+        # never drops a connection, a server database may.
+        sqlite = url.startswith("sqlite")
+        self.engine: AsyncEngine = create_async_engine(url, pool_pre_ping=not sqlite)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)

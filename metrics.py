@@ -43,7 +43,9 @@ class PipelineMetrics:
             "aisdr_provider_errors", "Provider failures during calls", ["provider"], registry=r
         )
         self.inbound_frames_dropped = Counter(
-            "aisdr_inbound_frames_dropped", "Inbound frames dropped by full queues", registry=r
+            "aisdr_inbound_frames_dropped",
+            "Inbound audio the VAD skipped after falling over 1 s behind, in 20 ms frames",
+            registry=r,
         )
         self.malformed_messages = Counter(
             "aisdr_malformed_messages", "Media stream messages that could not be used", registry=r

@@ -322,8 +322,10 @@ def shared_batcher() -> VADBatcher:
 
 
 class VADStream:
-    """One call's VAD. Feed it the inbound frames in order with `process()`; do not call
-    `process()` again before the previous call has returned.
+    """One call's VAD. Feed it the inbound frames in order, either with `process()` (one
+    at a time, awaiting each), or with `push()` from the receiving code and `flush()` from
+    one task whenever `push()` returned True: silence is then handled without a task
+    switch per frame, and frames arriving while the model runs just queue.
 
     A window whose probability is >= `threshold` is speech, < `end_threshold` is silence,
     and in between keeps the current status (hysteresis). Speech is confirmed once it has
@@ -339,6 +341,7 @@ class VADStream:
         min_speech_ms: int = 60,
         min_silence_ms: int = 250,
         energy_gate_dbfs: float | None = -55.0,
+        max_backlog_s: float | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self._batcher = batcher
@@ -361,6 +364,9 @@ class VADStream:
         self.last_probability = 0.0
         self.windows = 0
         self.inferences = 0
+        self.dropped_windows = 0
+        self._flushing = False
+        self._max_backlog = None if max_backlog_s is None else int(max_backlog_s * SAMPLE_RATE)
 
     @property
     def is_speaking(self) -> bool:
@@ -383,15 +389,47 @@ class VADStream:
     async def process(self, frame: bytes) -> list[VADEvent]:
         """Take one mu-law frame (Twilio: 160 bytes, 20 ms) and return the events it
         completed, usually none."""
+        self.push(frame)
+        return await self.flush()
+
+    def push(self, frame: bytes) -> bool:
+        """Take one frame without waiting. Windows that need no model (idle and below the
+        energy gate: most of a call) are scored at once; returns True when windows wait
+        for `flush()`. Safe to call while a `flush()` is in progress: the frame queues."""
         self._append(frame)
-        events: list[VADEvent] = []
-        while self._filled >= WINDOW_SAMPLES:
-            probability = await self._score(self._buffer[:INPUT_SAMPLES])
+        if self._flushing:
+            return True
+        while self._filled >= WINDOW_SAMPLES and self._gated(self._buffer[:INPUT_SAMPLES]):
             self._shift_window()
-            event = self._update(probability)
-            if event is not None:
-                events.append(event)
+            self._update(0.0)  # idle and silent: no event
+        return self._filled >= WINDOW_SAMPLES
+
+    async def flush(self) -> list[VADEvent]:
+        """Score every complete window queued by `push()`, in order; returns their events.
+        One flush at a time. With `max_backlog_s`, falling further behind (the model's
+        thread starved) skips the oldest windows: counted in `dropped_windows`."""
+        events: list[VADEvent] = []
+        self._flushing = True
+        try:
+            while self._filled >= WINDOW_SAMPLES:
+                self._drop_backlog()
+                probability = await self._score(self._buffer[:INPUT_SAMPLES])
+                self._shift_window()
+                event = self._update(probability)
+                if event is not None:
+                    events.append(event)
+        finally:
+            self._flushing = False
         return events
+
+    def _drop_backlog(self) -> None:
+        if self._max_backlog is None:
+            return
+        excess = (self._filled - self._max_backlog) // WINDOW_SAMPLES
+        for _ in range(max(0, excess)):
+            self._shift_window()
+            self._update(0.0 if self._idle else self.last_probability)
+            self.dropped_windows += 1
 
     def _append(self, frame: bytes) -> None:
         samples = mulaw_to_float(frame)
@@ -410,14 +448,21 @@ class VADStream:
         self._buffer[: end - WINDOW_SAMPLES] = self._buffer[WINDOW_SAMPLES:end]
         self._filled -= WINDOW_SAMPLES
 
-    async def _score(self, model_input: np.ndarray) -> float:
+    def _gated(self, model_input: np.ndarray) -> bool:
+        """Idle and below the energy gate: probability 0 without the model (counted)."""
+        if not (self._idle and self._below_gate(model_input[CONTEXT_SAMPLES:])):
+            return False
         self.windows += 1
-        if self._idle and self._below_gate(model_input[CONTEXT_SAMPLES:]):
-            if not self._state_is_zero:
-                self._state.fill(0.0)
-                self._state_is_zero = True
-            self.last_probability = 0.0
+        if not self._state_is_zero:
+            self._state.fill(0.0)
+            self._state_is_zero = True
+        self.last_probability = 0.0
+        return True
+
+    async def _score(self, model_input: np.ndarray) -> float:
+        if self._gated(model_input):
             return 0.0
+        self.windows += 1
         batcher = self._batcher or shared_batcher()
         self.inferences += 1
         self._state_is_zero = False

@@ -6,8 +6,10 @@ the small protocols below; never FastAPI, SQLAlchemy or a concrete vendor.
 
 Per call, one `asyncio.TaskGroup` runs the long-lived loops::
 
-    _receive_loop   Twilio messages -> STT audio, VAD queue, marks, DTMF, stop
-    _vad_loop       Silero VAD events -> barge-in pause, Finalize on end of speech
+    _receive_loop   Twilio messages -> STT and VAD buffers (no task switch per frame),
+                    marks, DTMF, stop
+    _inbound_loop   woken when a batch of STT audio or a VAD window awaits: sends the
+                    audio, runs Silero, barge-in pause, Finalize on end of speech
     _stt_loop       transcripts -> end of turn, barge-in confirm/resume
     _pacer_loop     speech audio -> 20 ms media frames paced against the playback clock
     _watchdog_loop  silence timeout, max duration, barge-in resolution deadline
@@ -52,7 +54,7 @@ from providers import (
     UtteranceEnd,
 )
 from utils import FRAME_BYTES, SAMPLE_RATE
-from vad import VADBatcher, VADSpeechEnd, VADSpeechStart, VADStream
+from vad import WINDOW_SAMPLES, VADBatcher, VADSpeechEnd, VADSpeechStart, VADStream
 
 log = logging.getLogger("ai_sdr.pipeline")
 
@@ -70,7 +72,8 @@ sounds natural; a skipped syllable does not."""
 MAX_PLAYOUT_LAG_S = 1.0
 MAX_UNSENT_BYTES = 20 * SAMPLE_RATE
 """Synthesised audio waiting to be paced out; TTS waits beyond this (backpressure)."""
-INBOUND_QUEUE_FRAMES = 50
+MAX_VAD_BACKLOG_S = 1.0
+"""Audio the VAD may fall behind before it skips windows (counted as dropped frames)."""
 MAX_MESSAGE_CHARS = 64 * 1024
 BARGE_IN_RESOLVE_S = 1.5
 """After the caller's speech ends, how long to wait for a transcript before treating a
@@ -384,13 +387,14 @@ class CallSession:
         self._media_prefix = (
             f'{{"event":"media","streamSid":{json.dumps(stream_sid)},"media":{{"payload":"'
         )
-        self._inbound: asyncio.Queue[bytes] = asyncio.Queue(INBOUND_QUEUE_FRAMES)
+        self._inbound_work = asyncio.Event()
         self._stt: STTStream | None = None
         self._vad = VADStream(
             deps.vad_batcher(),
             threshold=deps.vad_threshold,
             min_speech_ms=max(config.min_interrupt_speech_ms, 32),
             min_silence_ms=deps.end_of_speech_ms,
+            max_backlog_s=MAX_VAD_BACKLOG_S,
             clock=self.clock,
         )
         self._audio_t0: float | None = None
@@ -464,7 +468,7 @@ class CallSession:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             tg.create_task(self._receive_loop(), name="receive")
-            tg.create_task(self._vad_loop(), name="vad")
+            tg.create_task(self._inbound_loop(), name="inbound")
             tg.create_task(self._stt_loop(), name="stt")
             tg.create_task(self._pacer_loop(), name="pacer")
             tg.create_task(self._watchdog_loop(), name="watchdog")
@@ -575,11 +579,10 @@ class CallSession:
         self._frames_in += 1
         if self._audio_t0 is None or t0 < self._audio_t0:
             self._audio_t0 = t0
-        if self._inbound.full():
-            self._inbound.get_nowait()
-            self.frames_dropped += 1
-            self.deps.metrics.inbound_frames_dropped.inc()
-        self._inbound.put_nowait(frame)
+        assert self._stt is not None
+        audio_waits = self._stt.push_audio(frame)
+        if (self._vad.push(frame) or audio_waits) and not self._inbound_work.is_set():
+            self._inbound_work.set()
 
     def _on_dtmf(self, message: dict[str, Any]) -> None:
         digit = str((message.get("dtmf") or {}).get("digit", ""))[:1]
@@ -593,12 +596,19 @@ class CallSession:
     def _audio_to_clock(self, audio_time: float) -> float | None:
         return None if self._audio_t0 is None else self._audio_t0 + audio_time
 
-    async def _vad_loop(self) -> None:
+    async def _inbound_loop(self) -> None:
         assert self._stt is not None
         while True:
-            frame = await self._inbound.get()
-            await self._stt.send_audio(frame)
-            for event in await self._vad.process(frame):
+            await self._inbound_work.wait()
+            self._inbound_work.clear()
+            await self._stt.send_pending()
+            dropped_before = self._vad.dropped_windows
+            events = await self._vad.flush()
+            if skipped := self._vad.dropped_windows - dropped_before:
+                frames = skipped * WINDOW_SAMPLES // FRAME_BYTES
+                self.frames_dropped += frames
+                self.deps.metrics.inbound_frames_dropped.inc(frames)
+            for event in events:
                 if isinstance(event, VADSpeechStart):
                     self._on_speech_start(event)
                 else:

@@ -287,3 +287,56 @@ def test_vad_runs_without_importing_torch():
     script = "import sys, vad; vad.SileroModel.load(); assert 'torch' not in sys.modules"
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-c", script], cwd=root, check=True, timeout=60)
+
+
+async def test_push_handles_silence_without_the_model_and_flush_scores_speech(batcher, demo):
+    """The pipeline's path: `push()` from the receive loop, `flush()` only when asked."""
+    stream = VADStream(batcher)
+    for frame in frames(silence(LEAD_IN)):
+        assert stream.push(frame) is False  # gated silence: nothing left for flush()
+    assert stream.inferences == 0 and stream.windows == int(LEAD_IN * 8000) // 256
+
+    events: list[VADEvent] = []
+    asked = 0
+    for frame in frames(demo + silence(1.0)):
+        if stream.push(frame):
+            asked += 1
+            events += await stream.flush()
+    reference = await run(VADStream(batcher), silence(LEAD_IN) + demo + silence(1.0))
+
+    assert asked > 0 and stream.inferences > 0
+    assert [(type(e), e.onset) for e in events] == [(type(e), e.onset) for e in reference]
+
+
+async def test_frames_pushed_during_a_flush_queue_and_are_scored_in_order(silero, demo):
+    batcher = VADBatcher(silero, offload=True, max_wait_ms=5)
+    audio = silence(0.5) + demo + silence(1.0)
+    stream = VADStream(batcher)
+    events: list[VADEvent] = []
+    flushes: list[asyncio.Task[list[VADEvent]]] = []
+    for frame in frames(audio):
+        wanted = stream.push(frame)  # lands mid-flush: only queued
+        if wanted and (not flushes or flushes[-1].done()):
+            flushes.append(asyncio.create_task(stream.flush()))
+        await asyncio.sleep(0)
+    for task in flushes:
+        events += await task
+    events += await stream.flush()  # whatever the last push left
+    reference = await run(VADStream(batcher), audio)
+
+    assert len(flushes) < len(frames(audio)) // 2  # frames did queue behind running flushes
+    assert stream.audio_time == pytest.approx(len(frames(audio)) * 0.02)
+    assert [(type(e), e.onset) for e in events] == [(type(e), e.onset) for e in reference]
+
+
+async def test_a_starved_stream_skips_its_oldest_windows_and_counts_them(batcher, demo):
+    stream = VADStream(batcher, max_backlog_s=0.5)
+    audio = frames(silence(0.2) + demo)
+    for frame in audio:  # nobody flushes: seconds of speech queue up
+        stream.push(frame)
+    await stream.flush()
+
+    queued_windows = (len(audio) * 160 - 1600) // 256
+    assert 0.5 * 8000 // 256 <= queued_windows - stream.dropped_windows <= 0.5 * 8000 // 256 + 1
+    assert stream.inferences == queued_windows - stream.dropped_windows
+    assert stream.audio_time == pytest.approx(len(audio) * 0.02)
