@@ -118,11 +118,14 @@ class SqlCallStore:
 
     async def load(self, call_id: str) -> tuple[Call, Agent | None] | None:
         async with self.sessionmaker() as session:
-            call = await session.get(Call, call_id)
-            if call is None:
-                return None
-            agent = await session.get(Agent, call.agent_id) if call.agent_id else None
-            return call, agent
+            row = (
+                await session.execute(
+                    select(Call, Agent)
+                    .outerjoin(Agent, Agent.id == Call.agent_id)
+                    .where(Call.id == call_id)
+                )
+            ).first()
+            return None if row is None else (row[0], row[1])
 
     async def load_config(self, call_id: str) -> AgentConfig | None:
         loaded = await self.load(call_id)

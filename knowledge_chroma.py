@@ -244,6 +244,11 @@ class KnowledgeBase:
         self._client_lock = threading.Lock()
         self._write_locks: dict[str, threading.Lock] = {}
         self._write_locks_lock = threading.Lock()
+        # Agents without documents: every caller turn would otherwise ask Chroma for a
+        # collection that is not there. Only in embedded mode, where no other process
+        # creates collections behind our back.
+        self._absent: set[str] | None = None if settings.CHROMA_HOST else set()
+        self._creations = 0  # a lookup that raced a creation must not mark it absent
 
     # --- lifecycle ---
 
@@ -335,12 +340,20 @@ class KnowledgeBase:
         return chromadb.PersistentClient(path=str(path), settings=chroma_settings)
 
     def _open(self, name: str) -> Collection | None:
+        if self._absent is not None and name in self._absent:
+            return None
+        creations = self._creations
         try:
             return self._get_client().get_collection(name, embedding_function=None)
         except NotFoundError:
+            if self._absent is not None and creations == self._creations:
+                self._absent.add(name)
             return None
 
     def _open_or_create(self, name: str) -> Collection:
+        self._creations += 1
+        if self._absent is not None:
+            self._absent.discard(name)
         # The function goes in the configuration, not the argument, so the returned handle
         # embeds through the persisted config like every reopened one.
         return self._get_client().get_or_create_collection(
@@ -374,6 +387,8 @@ class KnowledgeBase:
     def _delete_collection_sync(self, name: str) -> None:
         with self._write_lock(name), contextlib.suppress(NotFoundError):
             self._get_client().delete_collection(name)
+            if self._absent is not None:
+                self._absent.add(name)
 
     def _search_sync(
         self, name: str, query: str, top_k: int, min_similarity: float
