@@ -313,6 +313,8 @@ class KnowledgeBase:
         if not query.strip() or top_k < 1:
             return []
         name = collection_name(agent_id)
+        if self._absent is not None and name in self._absent:
+            return []  # no documents: not even a hop to a worker thread
         return await asyncio.to_thread(self._search_sync, name, query, top_k, min_similarity)
 
     async def count(self, agent_id: str) -> int:

@@ -147,7 +147,7 @@ def pacing(result: CallerResult) -> dict[str, list[float]]:
                 play_end = min(play_end, last_clear)
             prev_arrival = -math.inf
         if arrival - last_clear < STRAY_S and prev_arrival == -math.inf:
-            stray += 1  # sent just after the clear: the caller hears a stale frame
+            stray += max(1, size // 160)  # sent just after the clear: stale audio heard
             continue
         if arrival >= play_end:
             if arrival - prev_arrival < CONTINUING_GAP_S:
@@ -236,7 +236,8 @@ def caller_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str,
         "jitter_ms": percentiles(jitter),
         "underruns": len(underruns),
         "underrun_ms": percentiles(underruns),
-        "frames_received": sum(len(r.media) for r in results),
+        "frames_received": sum(size for r in results for _, size in r.media) // 160,
+        "media_messages_received": sum(len(r.media) for r in results),
         "frames_after_clear": stray,
     }
 
