@@ -73,6 +73,7 @@ async def next_turn_seq(session: AsyncSession, call_id: str) -> int:
     return (current or 0) + 1
 
 
+PREFETCH_TTL_S = 60.0
 MAX_BATCH = 200
 """Writes per group-commit transaction."""
 
@@ -113,6 +114,7 @@ class SqlCallStore:
         self.hook = hook or _noop_hook
         self.default_model = default_model
         self.fallback_line = fallback_line
+        self._prefetched: dict[str, asyncio.Task[AgentConfig | None]] = {}
         self._queue: list[_Write] = []
         self._drainer: asyncio.Task[None] | None = None
 
@@ -127,7 +129,28 @@ class SqlCallStore:
             ).first()
             return None if row is None else (row[0], row[1])
 
+    def prefetch_config(self, call_id: str) -> None:
+        """Start loading a call's configuration now (the voice webhook has just answered), so
+        that the media stream, connecting a moment later, finds it ready: the greeting then
+        waits for no database read. Unclaimed prefetches are dropped after a minute."""
+        if call_id in self._prefetched:
+            return
+        loop = asyncio.get_running_loop()
+        self._prefetched[call_id] = loop.create_task(
+            self._load_config(call_id), name="call-config-prefetch"
+        )
+        loop.call_later(PREFETCH_TTL_S, self._prefetched.pop, call_id, None)
+
     async def load_config(self, call_id: str) -> AgentConfig | None:
+        prefetched = self._prefetched.pop(call_id, None)
+        if prefetched is not None:
+            try:
+                return await prefetched
+            except Exception:  # read again below; a real fault will repeat and raise there
+                pass
+        return await self._load_config(call_id)
+
+    async def _load_config(self, call_id: str) -> AgentConfig | None:
         loaded = await self.load(call_id)
         if loaded is None:
             return None

@@ -29,6 +29,7 @@ import ollama
 
 from config import Settings
 from providers import (
+    PROVIDER_HTTP_LIMITS,
     LLMDelta,
     LLMError,
     LLMModelNotFound,
@@ -58,7 +59,9 @@ class OllamaLLM:
         # httpx's read timeout must outlast a whole non-streamed completion (complete_json);
         # streaming uses the tighter first-token and between-chunk timeouts below.
         timeout = httpx.Timeout(read_timeout_s, connect=settings.OLLAMA_CONNECT_TIMEOUT_S)
-        self._client = ollama.AsyncClient(host=settings.OLLAMA_HOST, timeout=timeout)
+        self._client = ollama.AsyncClient(
+            host=settings.OLLAMA_HOST, timeout=timeout, limits=PROVIDER_HTTP_LIMITS
+        )
         self._first_token_timeout_s = settings.OLLAMA_FIRST_TOKEN_TIMEOUT_S
         self._chunk_timeout_s = chunk_timeout_s
         self._health_timeout_s = health_timeout_s

@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             transport=PublicOnlyTransport(allow_private=settings.ALLOW_PRIVATE_URLS)
         )
         app.state.db, app.state.twilio, app.state.llm = database, twilio, llm
+        app.state.call_store = store
         app.state.calls = CallManager(
             PipelineDeps(
                 # 100 ms per send: a fifth of the frames; Finalize flushes at end of speech
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 vad_batcher=shared_batcher,
                 vad_threshold=settings.VAD_THRESHOLD,
                 end_of_speech_ms=settings.DEEPGRAM_ENDPOINTING_MS,
+                finalize_after_ms=settings.EARLY_FINALIZE_MS,
                 retriever=KnowledgeRetriever(knowledge),
                 tools=AgentTools(database.sessionmaker, twilio, settings, tools_http),
             )

@@ -25,6 +25,16 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import httpx
+
+PROVIDER_HTTP_LIMITS = httpx.Limits(
+    max_connections=1024, max_keepalive_connections=512, keepalive_expiry=30.0
+)
+"""Connection pool of the provider HTTP clients (Ollama, Deepgram speak). Every live call may
+hold a streaming request to each at once; httpx's default keeps 20 idle connections, so past
+20 concurrent answers most requests would open a new TCP (and, in production, TLS)
+connection, and past 100 they would queue for one."""
+
 Clock = Callable[[], float]
 """Monotonic seconds. Injected so that latency is measured where it happens."""
 

@@ -81,6 +81,7 @@ async def voice_webhook(params: TwilioForm, session: SessionDep, request: Reques
     if call.agent_id is None:
         log.info("inbound call %s to unassigned number %s", call.id, mask_phone(called))
         return _twiml(say_hangup_twiml())
+    request.app.state.call_store.prefetch_config(call.id)
     return _twiml(stream_twiml(settings.media_stream_url, {"call_id": call.id}))
 
 

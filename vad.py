@@ -98,7 +98,17 @@ class VADSpeechEnd:
         return self.end - self.onset
 
 
-VADEvent = VADSpeechStart | VADSpeechEnd
+@dataclass(frozen=True, slots=True)
+class VADPause:
+    """Speech paused: `pause_ms` of non-speech have followed `silence_start`, and speech may
+    yet resume (then no VADSpeechEnd follows for this silence). Once per silence."""
+
+    silence_start: float
+    confirmed_at: float
+    detected_at: float
+
+
+VADEvent = VADSpeechStart | VADPause | VADSpeechEnd
 
 
 # --- model ------------------------------------------------------------------------------
@@ -329,7 +339,9 @@ class VADStream:
 
     A window whose probability is >= `threshold` is speech, < `end_threshold` is silence,
     and in between keeps the current status (hysteresis). Speech is confirmed once it has
-    lasted `min_speech_ms` and ends after `min_silence_ms` of silence.
+    lasted `min_speech_ms` and ends after `min_silence_ms` of silence. With `pause_ms`
+    (shorter than `min_silence_ms`), a VADPause marks each silence that long on the way:
+    the moment to flush the transcriber, before the end of the turn is certain.
     """
 
     def __init__(
@@ -342,6 +354,7 @@ class VADStream:
         min_silence_ms: int = 250,
         energy_gate_dbfs: float | None = -55.0,
         max_backlog_s: float | None = None,
+        pause_ms: int | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self._batcher = batcher
@@ -349,6 +362,8 @@ class VADStream:
         self.end_threshold = threshold - 0.15 if end_threshold is None else end_threshold
         self._min_speech = min_speech_ms * SAMPLE_RATE // 1000
         self._min_silence = min_silence_ms * SAMPLE_RATE // 1000
+        self._pause = None if pause_ms is None else pause_ms * SAMPLE_RATE // 1000
+        self._paused_at: int | None = None  # silence start of the VADPause already sent
         self._gate_power = -1.0 if energy_gate_dbfs is None else 10 ** (energy_gate_dbfs / 10)
         self._clock = clock
         # context, then one window, then up to one 20 ms frame of leftover samples
@@ -412,7 +427,7 @@ class VADStream:
         self._flushing = True
         try:
             while self._filled >= WINDOW_SAMPLES:
-                self._drop_backlog()
+                events += self._drop_backlog()
                 probability = await self._score(self._buffer[:INPUT_SAMPLES])
                 self._shift_window()
                 event = self._update(probability)
@@ -422,14 +437,18 @@ class VADStream:
             self._flushing = False
         return events
 
-    def _drop_backlog(self) -> None:
+    def _drop_backlog(self) -> list[VADEvent]:
+        """Skipped windows repeat the last probability, so their events still happen."""
         if self._max_backlog is None:
-            return
+            return []
+        events: list[VADEvent] = []
         excess = (self._filled - self._max_backlog) // WINDOW_SAMPLES
         for _ in range(max(0, excess)):
             self._shift_window()
-            self._update(0.0 if self._idle else self.last_probability)
             self.dropped_windows += 1
+            if (event := self._update(0.0 if self._idle else self.last_probability)) is not None:
+                events.append(event)
+        return events
 
     def _append(self, frame: bytes) -> None:
         samples = mulaw_to_float(frame)
@@ -494,13 +513,19 @@ class VADStream:
 
     def _update_speaking(
         self, start: int, end: int, is_speech: bool, is_silence: bool
-    ) -> VADSpeechEnd | None:
+    ) -> VADSpeechEnd | VADPause | None:
         if is_speech:
-            self._silence_start = None
+            self._silence_start = self._paused_at = None
         elif is_silence and self._silence_start is None:
             self._silence_start = start
-        if self._silence_start is None or end - self._silence_start < self._min_silence:
+        if self._silence_start is None:
             return None
+        silent = end - self._silence_start
+        if silent < self._min_silence:
+            if self._pause is None or silent < self._pause or self._paused_at is not None:
+                return None
+            self._paused_at = self._silence_start
+            return VADPause(self._seconds(self._silence_start), self.audio_time, self._clock())
         assert self._onset is not None
         event = VADSpeechEnd(
             self._seconds(self._onset),
@@ -509,7 +534,7 @@ class VADStream:
             self._clock(),
         )
         self._speaking = False
-        self._onset = self._silence_start = None
+        self._onset = self._silence_start = self._paused_at = None
         return event
 
     @staticmethod

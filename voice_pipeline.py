@@ -54,7 +54,7 @@ from providers import (
     UtteranceEnd,
 )
 from utils import FRAME_BYTES, SAMPLE_RATE
-from vad import WINDOW_SAMPLES, VADBatcher, VADSpeechEnd, VADSpeechStart, VADStream
+from vad import WINDOW_SAMPLES, VADBatcher, VADPause, VADSpeechEnd, VADSpeechStart, VADStream
 
 log = logging.getLogger("ai_sdr.pipeline")
 
@@ -210,6 +210,12 @@ class PipelineDeps:
     """Silence after which the caller's speech has ended: Finalize is sent to the STT then.
     Kept equal to Deepgram's endpointing so a forced final never cuts a caller off sooner
     than Deepgram itself would."""
+    finalize_after_ms: int = 160
+    """Silence after which Finalize is sent already, while the end of the turn is not yet
+    certain (it is at `end_of_speech_ms`): the final transcript is then in by the time the
+    turn ends, instead of a transcription round trip later. 0: only at the end of speech.
+    Longer than the pauses inside a spoken sentence (up to ~130 ms in espeak-ng speech),
+    which would only split the transcript into segments."""
     clock: Clock = time.monotonic
 
 
@@ -401,6 +407,7 @@ class CallSession:
             threshold=deps.vad_threshold,
             min_speech_ms=max(config.min_interrupt_speech_ms, 32),
             min_silence_ms=deps.end_of_speech_ms,
+            pause_ms=deps.finalize_after_ms or None,
             max_backlog_s=MAX_VAD_BACKLOG_S,
             clock=self.clock,
         )
@@ -424,6 +431,9 @@ class CallSession:
         self._timing = TurnTiming()
         self._utt_onset: float | None = None
         self._utt_end: float | None = None
+        self._vad_ended = False  # the VAD has heard this utterance's closing silence
+        self._flushed_silence: float | None = None  # silence a VADPause already finalized
+        self._finalizes_pending = 0  # Finalize sent, its from_finalize final not yet in
         self._barge_in: BargeIn | None = None
         self._dtmf: list[str] = []
         self._dtmf_at = 0.0
@@ -618,11 +628,16 @@ class CallSession:
             for event in events:
                 if isinstance(event, VADSpeechStart):
                     self._on_speech_start(event)
+                elif isinstance(event, VADPause):
+                    self._flushed_silence = event.silence_start
+                    await self._finalize()
                 else:
                     await self._on_speech_end(event)
 
     def _on_speech_start(self, event: VADSpeechStart) -> None:
         self._last_activity = self.clock()
+        self._vad_ended = False
+        self._finalizes_pending = 0  # one lost to a reconnect must not hold up later turns
         # speech again: an earlier end of speech is no longer the end of this utterance
         self._timing.eos_at = None
         self._utt_end = None
@@ -637,7 +652,18 @@ class CallSession:
         self._timing.eos_at = self._audio_to_clock(event.end)
         if self._barge_in is not None:
             self._barge_in.vad_ended_at = self.clock()
+        self._vad_ended = True
+        if self._flushed_silence != event.end:
+            await self._finalize()
+        elif self._finalizes_pending == 0 and self._finals:
+            # The pause already flushed the transcriber and its final is in: the turn ends
+            # at the end of speech itself, not a transcription round trip later.
+            self._end_of_turn(self.clock())
+
+    async def _finalize(self) -> None:
+        """Ask the transcriber for the final of everything heard so far."""
         assert self._stt is not None
+        self._finalizes_pending += 1
         await self._stt.finalize()
 
     # --- transcripts and turns ----------------------------------------------------------
@@ -667,7 +693,16 @@ class CallSession:
             self._interim = ""
             self._timing.final_at = event.received_at or self.clock()
             self._check_barge_in(" ".join(self._finals))
-        if (event.speech_final or event.from_finalize) and self._finals:
+        if event.from_finalize:
+            self._finalizes_pending = max(self._finalizes_pending - 1, 0)
+        if not self._finals:
+            return
+        if event.from_finalize:
+            # Our own flush: the turn ends once the VAD has also heard the whole silence
+            # and no other flush is outstanding (a pause may have flushed mid-sentence).
+            if self._vad_ended and self._finalizes_pending == 0:
+                self._end_of_turn(event.received_at or self.clock())
+        elif event.speech_final:  # the transcriber's own endpointing
             self._end_of_turn(event.received_at or self.clock())
 
     def _interrupts(self, text: str) -> bool:
@@ -684,11 +719,13 @@ class CallSession:
     def _end_of_turn(self, final_at: float) -> None:
         text = " ".join(self._finals).strip()
         timing = self._timing
-        timing.final_at = timing.final_at or final_at
+        # when the turn was certain: the last final, or the end of speech if that came later
+        timing.final_at = max(timing.final_at or final_at, final_at)
         if timing.eos_at is None:
             timing.eos_at = timing.final_at
         onset, end = self._utt_onset, self._utt_end
         self._finals, self._interim, self._timing = [], "", TurnTiming()
+        self._finalizes_pending = 0
         self._utt_onset = self._utt_end = None
         if self._barge_in is not None:
             if not self._interrupts(text):

@@ -2,12 +2,14 @@
 each call's rows keep their order, and one bad row costs no other row its write."""
 
 import asyncio
+import re
 
 from sqlalchemy import event, select
 
 from call_store import SqlCallStore
 from db import Database
 from models import Agent, Call, CallEvent, TranscriptTurn
+from tests.conftest import create_agent, post_signed
 
 
 async def _database(tmp_path) -> Database:
@@ -98,3 +100,29 @@ async def test_a_failing_row_is_retried_alone_and_the_rest_of_its_batch_lands(tm
         assert kinds == ["backchannel"]
     finally:
         await database.aclose()
+
+
+async def test_the_voice_webhook_prefetches_the_config_the_media_stream_then_reads(app, client):
+    """Between Twilio's webhook and its media stream, the call's configuration is loaded in
+    the background: the stream's `load_config` then costs no database read."""
+    await create_agent(client, phone_number="+14155550100", first_message="Hi {{call_id}}")
+    params = {"CallSid": "CA" + "9" * 32, "From": "+14155550199", "To": "+14155550100"}
+    response = await post_signed(client, "/twilio/voice", params)
+    assert response.status_code == 200, response.text
+    call_id = re.search(r'name="call_id" value="([^"]+)"', response.text).group(1)
+    store = app.state.call_store
+    await asyncio.wait_for(asyncio.shield(store._prefetched[call_id]), 10)
+
+    statements: list[str] = []
+    engine = app.state.db.engine.sync_engine
+    listener = lambda *args: statements.append(args[2])  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        config = await store.load_config(call_id)
+        assert config is not None and config.first_message == f"Hi {call_id}"
+        assert statements == []  # served by the prefetch
+        again = await store.load_config(call_id)  # a prefetch is used once
+        assert again is not None and again.first_message == config.first_message
+        assert statements  # read from the database this time
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)

@@ -418,3 +418,45 @@ async def test_tts_failure_retries_once_then_speaks_the_fallback(tmp_path, lines
     ]
     assert [t["text"] for t in _answers(call)][1:] == [fallback, "The pro plan adds recording."]
     assert len(result.talkspurts) == 3  # no dead air: the fallback was heard
+
+
+async def test_a_pause_inside_a_sentence_flushes_the_transcript_but_keeps_the_turn(tmp_path, lines):
+    """260 ms of silence mid-sentence: to the VAD, longer than EARLY_FINALIZE_MS (160), so
+    the pipeline already asks Deepgram for its final, but shorter than the 300 ms that end
+    a turn. The two segments must make one user turn and one answer, and once the caller
+    has finished, the turn ends without another Finalize round trip."""
+    from emulators.audio import silence
+
+    sentence = lines["more"] + silence(0.26) + lines["price"]
+    with LiveStack(
+        tmp_path,
+        deepgram={"listen_script": ["Tell me more please,", "how much is pro?"]},
+        ollama={"replies": ["The pro plan is forty nine dollars."]},
+    ) as stack:
+        await stack.create_agent()
+        call_id, result = await stack.inbound_call(
+            [
+                SayAfterAgentAudio(1, 0.4, sentence, anchor="end"),
+                HangupAfterAgentAudio(2, 0.5, anchor="end"),
+                Hangup(25.0),
+            ],
+            max_duration_s=30,
+        )
+        call = await stack.call_detail(call_id)
+        (listen,) = stack.deepgram.listen_connections
+        asked = [
+            m["content"] for m in stack.ollama.requests[0].body["messages"] if m["role"] == "user"
+        ]
+
+    users = [t["text"] for t in call["turns"] if t["role"] == "user"]
+    assert users == ["Tell me more please, how much is pro?"]
+    assert asked[-1] == "Tell me more please, how much is pro?"
+    assert [t["text"] for t in _answers(call)][1:] == ["The pro plan is forty nine dollars."]
+    # one Finalize per pause: at the mid-sentence pause, and once at the end; none when
+    # the turn ended (that silence was already flushed)
+    finalizes = [c for c in listen.controls if c["type"] == "Finalize"]
+    assert len(finalizes) == 2
+    # the first came before the second half of the sentence was spoken
+    gap = finalizes[1]["audio_time"] - finalizes[0]["audio_time"]
+    assert gap > len(lines["price"]) / 8000
+    assert result.ended_by == "hangup"

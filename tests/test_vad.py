@@ -19,6 +19,7 @@ from vad import (
     SileroModel,
     VADBatcher,
     VADEvent,
+    VADPause,
     VADSpeechEnd,
     VADSpeechStart,
     VADStream,
@@ -340,3 +341,20 @@ async def test_a_starved_stream_skips_its_oldest_windows_and_counts_them(batcher
     assert 0.5 * 8000 // 256 <= queued_windows - stream.dropped_windows <= 0.5 * 8000 // 256 + 1
     assert stream.inferences == queued_windows - stream.dropped_windows
     assert stream.audio_time == pytest.approx(len(audio) * 0.02)
+
+
+async def test_a_pause_is_reported_once_per_silence_and_speech_may_resume(batcher, demo):
+    price = synth_speech("How much does the pro plan cost?")
+    audio = silence(LEAD_IN) + demo + silence(0.34) + price + silence(1.0)
+    events = await run(VADStream(batcher, min_silence_ms=300, pause_ms=160), audio)
+
+    assert kinds(events) == ["VADSpeechStart", "VADPause", "VADPause", "VADSpeechEnd"]
+    _, mid, last, end = events
+    assert isinstance(mid, VADPause) and isinstance(last, VADPause)
+    assert isinstance(end, VADSpeechEnd)
+    # the first pause is the one inside the sentence; the last one is the final silence
+    assert mid.silence_start == pytest.approx(LEAD_IN + len(demo) / 8000, abs=ONSET_TOLERANCE)
+    assert last.silence_start == end.end
+    # without pause_ms: the same speech, no pauses
+    plain = await run(VADStream(batcher, min_silence_ms=300), audio)
+    assert kinds(plain) == ["VADSpeechStart", "VADSpeechEnd"]
