@@ -230,7 +230,13 @@ class CallAnalyser:
             await asyncio.sleep(delay)  # backoff between attempts
 
     async def _attempt(self, job: _Job) -> float | None:
-        """One try; the delay before the next, or None when the analysis is settled."""
+        """One try; the delay before the next, or None when the analysis is settled. The
+        whole try holds a slot: at a burst of hang-ups, the reads and writes of a hundred
+        analyses must not queue in front of live calls' database work either."""
+        async with self._slots:
+            return await self._attempt_in_slot(job)
+
+    async def _attempt_in_slot(self, job: _Job) -> float | None:
         async with self.sessionmaker() as session:
             call = await session.get(Call, job.call_id)
             if call is None or call.analysis_status != "pending":
@@ -241,10 +247,9 @@ class CallAnalyser:
         model = (agent.llm_model if agent else None) or self.settings.OLLAMA_MODEL
         messages = build_messages(call, agent, turns, job.feedback)
         try:
-            async with self._slots:
-                raw = await self.llm.complete_json(
-                    messages, model=model, schema=response_schema(extraction)
-                )
+            raw = await self.llm.complete_json(
+                messages, model=model, schema=response_schema(extraction)
+            )
             analysis = validate_analysis(raw, extraction)
         except UNAVAILABLE as exc:
             return await self._unavailable(job, exc)

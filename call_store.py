@@ -75,12 +75,13 @@ async def next_turn_seq(session: AsyncSession, call_id: str) -> int:
 
 PREFETCH_TTL_S = 60.0
 MAX_BATCH = 200
+_CALL_CHANGES = frozenset({"stream_started", "finish", "fields"})
 """Writes per group-commit transaction."""
 
 
 @dataclass(slots=True)
 class _Write:
-    kind: str  # "turn" | "event"
+    kind: str  # "turn", "event", or one of _CALL_CHANGES
     call_id: str
     fields: dict[str, Any]
     done: asyncio.Future[None] | None = None
@@ -100,7 +101,7 @@ async def _noop_hook(session: AsyncSession, call: Call, event: str) -> None:
 
 
 class SqlCallStore:
-    """What the pipeline persists, one short transaction each."""
+    """What the pipeline persists; its writes are group-committed across live calls."""
 
     def __init__(
         self,
@@ -117,17 +118,6 @@ class SqlCallStore:
         self._prefetched: dict[str, asyncio.Task[AgentConfig | None]] = {}
         self._queue: list[_Write] = []
         self._drainer: asyncio.Task[None] | None = None
-
-    async def load(self, call_id: str) -> tuple[Call, Agent | None] | None:
-        async with self.sessionmaker() as session:
-            row = (
-                await session.execute(
-                    select(Call, Agent)
-                    .outerjoin(Agent, Agent.id == Call.agent_id)
-                    .where(Call.id == call_id)
-                )
-            ).first()
-            return None if row is None else (row[0], row[1])
 
     def prefetch_config(self, call_id: str) -> None:
         """Start loading a call's configuration now (the voice webhook has just answered), so
@@ -151,13 +141,22 @@ class SqlCallStore:
         return await self._load_config(call_id)
 
     async def _load_config(self, call_id: str) -> AgentConfig | None:
-        loaded = await self.load(call_id)
-        if loaded is None:
-            return None
-        call, agent = loaded
-        if agent is None:
-            return None
-        caller = call.from_number if call.direction == "inbound" else call.to_number
+        """Call, agent and caller memory in one session (one pooled connection)."""
+        async with self.sessionmaker() as session:
+            row = (
+                await session.execute(
+                    select(Call, Agent)
+                    .outerjoin(Agent, Agent.id == Call.agent_id)
+                    .where(Call.id == call_id)
+                )
+            ).first()
+            if row is None or row[1] is None:
+                return None
+            call, agent = row[0], row[1]
+            caller = call.from_number if call.direction == "inbound" else call.to_number
+            memory = ""
+            if caller:
+                memory = await caller_memory(session, agent.id, caller, exclude_call=call.id)
         ours = call.to_number if call.direction == "inbound" else call.from_number
         variables = {
             **agent.variables,
@@ -188,25 +187,13 @@ class SqlCallStore:
             caller_number=caller,
             agent_number=ours,
             transfer_number=agent.transfer_number or "",
-            caller_memory=await self._caller_memory(call, caller),
+            caller_memory=memory,
             variables=variables,
         )
 
-    async def _caller_memory(self, call: Call, number: str) -> str:
-        if not number or call.agent_id is None:
-            return ""
-        async with self.sessionmaker() as session:
-            return await caller_memory(session, call.agent_id, number, exclude_call=call.id)
-
     async def stream_started(self, call_id: str, *, stream_sid: str, call_sid: str) -> None:
-        async with self.sessionmaker() as session, session.begin():
-            call = await session.get(Call, call_id)
-            if call is None:
-                return
-            call.stream_sid = stream_sid
-            call.twilio_call_sid = call.twilio_call_sid or call_sid or None
-            apply_status(call, "in-progress")
-            await self.hook(session, call, "call.started")
+        fields = {"stream_sid": stream_sid, "call_sid": call_sid}
+        await self._group_commit(_Write("stream_started", call_id, fields))
 
     async def add_turn(self, call_id: str, *, seq: int | None = None, **fields: Any) -> None:
         """`seq` comes from the call's session (the only writer of its turns), so the write
@@ -220,7 +207,7 @@ class SqlCallStore:
         fields = {"type": type_, "data": data, "call_time_s": call_time_s}
         await self._group_commit(_Write("event", call_id, fields))
 
-    # --- group commit: the turns and events of every live call, one transaction per batch --
+    # --- group commit: what every live call writes, one transaction per batch ------------
 
     async def _group_commit(self, write: _Write) -> None:
         """Queue `write` and wait until it is committed (or failed). One drain task writes
@@ -273,7 +260,10 @@ class SqlCallStore:
                 await session.scalars(select(Agent).where(Agent.id.in_(agent_ids)))
             for write in batch:
                 call = calls.get(write.call_id)
-                if write.kind == "turn":
+                if write.kind in _CALL_CHANGES:
+                    if call is not None:
+                        await self._change_call(session, call, write)
+                elif write.kind == "turn":
                     fields = dict(write.fields)
                     if fields["seq"] is None:
                         fields["seq"] = await next_turn_seq(session, write.call_id)
@@ -285,26 +275,32 @@ class SqlCallStore:
                     if call is not None and write.fields["type"] == "tool_called":
                         await self.hook(session, call, "tool.called")
 
+    async def _change_call(self, session: AsyncSession, call: Call, write: _Write) -> None:
+        fields = write.fields
+        if write.kind == "stream_started":
+            call.stream_sid = fields["stream_sid"]
+            call.twilio_call_sid = call.twilio_call_sid or fields["call_sid"] or None
+            apply_status(call, "in-progress")
+            await self.hook(session, call, "call.started")
+        elif write.kind == "finish":
+            call.ended_reason = call.ended_reason or fields["ended_reason"]
+            apply_status(call, "completed")
+            call.ended_at = fields["ended_at"] or call.ended_at or utcnow()
+            if call.duration_seconds is None and call.started_at is not None:
+                call.duration_seconds = (call.ended_at - call.started_at).total_seconds()
+            await self.hook(session, call, "call.ended")
+        else:
+            for key, value in fields.items():
+                setattr(call, key, value)
+
     async def set_fields(self, call_id: str, **fields: Any) -> None:
-        async with self.sessionmaker() as session, session.begin():
-            call = await session.get(Call, call_id)
-            if call is not None:
-                for key, value in fields.items():
-                    setattr(call, key, value)
+        await self._group_commit(_Write("fields", call_id, fields))
 
     async def finish(self, call_id: str, *, ended_reason: str, ended_at: datetime | None = None):
         """The media stream ended (once per call): record why and emit `call.ended`. Calls
         that never had a stream emit it from the terminal status callback instead."""
-        async with self.sessionmaker() as session, session.begin():
-            call = await session.get(Call, call_id)
-            if call is None:
-                return
-            call.ended_reason = call.ended_reason or ended_reason
-            apply_status(call, "completed")
-            call.ended_at = ended_at or call.ended_at or utcnow()
-            if call.duration_seconds is None and call.started_at is not None:
-                call.duration_seconds = (call.ended_at - call.started_at).total_seconds()
-            await self.hook(session, call, "call.ended")
+        fields = {"ended_reason": ended_reason, "ended_at": ended_at}
+        await self._group_commit(_Write("finish", call_id, fields))
 
 
 # --- caller memory ----------------------------------------------------------------------
@@ -335,8 +331,10 @@ async def caller_memory(
         .limit(MEMORY_CALLS)
     )
     lines = await _booking_lines(session, agent_id, number)  # first: they matter most
-    for earlier in calls.all():
-        if digest := await _call_digest(session, earlier):
+    earlier_calls = list(calls.all())
+    last_words = await _last_turns(session, [c.id for c in earlier_calls if not _summary(c)])
+    for earlier in earlier_calls:
+        if digest := _summary(earlier) or _digest(last_words.get(earlier.id, [])):
             lines.append(f"- Call on {earlier.created_at:%Y-%m-%d}: {digest}")
     memory = ""
     for line in lines:  # whole lines only, within the budget
@@ -346,20 +344,34 @@ async def caller_memory(
     return memory.rstrip()
 
 
-async def _call_digest(session: AsyncSession, call: Call) -> str:
+def _summary(call: Call) -> str:
     analysis = call.analysis if isinstance(call.analysis, dict) else {}
     summary = str(analysis.get("summary") or "").strip()
-    if summary:
-        return _clip(summary, 240)
-    turns = await session.scalars(
+    return _clip(summary, 240) if summary else ""
+
+
+async def _last_turns(
+    session: AsyncSession, call_ids: list[str]
+) -> dict[str, list[TranscriptTurn]]:
+    """The last few spoken turns of each call, oldest first: one query for all of them."""
+    if not call_ids:
+        return {}
+    rows = await session.scalars(
         select(TranscriptTurn)
-        .where(TranscriptTurn.call_id == call.id, TranscriptTurn.text != "")
-        .order_by(TranscriptTurn.seq.desc())
-        .limit(_MEMORY_TURNS)
+        .where(TranscriptTurn.call_id.in_(call_ids), TranscriptTurn.text != "")
+        .order_by(TranscriptTurn.call_id, TranscriptTurn.seq.desc())
     )
+    last: dict[str, list[TranscriptTurn]] = {}
+    for turn in rows:
+        kept = last.setdefault(turn.call_id, [])
+        if len(kept) < _MEMORY_TURNS:
+            kept.append(turn)
+    return {call_id: kept[::-1] for call_id, kept in last.items()}
+
+
+def _digest(turns: list[TranscriptTurn]) -> str:
     said = [
-        f'{"caller" if turn.role == "user" else "you"}: "{_clip(turn.text, 70)}"'
-        for turn in reversed(turns.all())
+        f'{"caller" if turn.role == "user" else "you"}: "{_clip(turn.text, 70)}"' for turn in turns
     ]
     return "; ".join(said)
 

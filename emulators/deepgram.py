@@ -88,6 +88,10 @@ class DeepgramConfig:
     interim_delay_ms: int = 80
     stt_final_delay_ms: int = 150
     finalize_delay_ms: int = 20
+    finalize_continuation_ms: int = 600
+    """After a Finalize cut an utterance at a pause, voice resuming this soon (audio time)
+    continues the same script line: the line's words all went out in the finalized segment,
+    so the continuation's segment is empty instead of taking the next line."""
     idle_timeout_s: float = 10.0
 
     # speak
@@ -321,6 +325,7 @@ class _ListenSession:
         self.mute_until_silence = False
         self.utterance_end_from: float | None = None
         self.closing = False
+        self.continues_until = -1.0  # audio time until which new voice continues a line
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -472,7 +477,9 @@ class _ListenSession:
 
     def _begin_utterance(self, t1: float) -> None:
         start = self.candidate_start if self.candidate_start is not None else t1
-        text = self.script.popleft() if self.script else ""
+        continuation = start <= self.continues_until
+        text = "" if continuation or not self.script else self.script.popleft()
+        self.continues_until = -1.0
         interval = self.cfg.interim_interval_ms / 1000
         self.utt = _Utterance(start=start, end=t1, text=text, next_interim=start + interval)
         self.candidate_start = None
@@ -513,6 +520,8 @@ class _ListenSession:
             return
         self._finish(speech_final=silent, delay_ms=self.cfg.finalize_delay_ms, from_finalize=True)
         self.mute_until_silence = not silent
+        if silent:
+            self.continues_until = self.audio_time + self.cfg.finalize_continuation_ms / 1000
 
     def _close_stream(self) -> None:
         if self.utt is not None:

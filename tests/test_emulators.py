@@ -317,6 +317,28 @@ async def test_listen_finalize_flushes_once(deepgram: DeepgramEmulator) -> None:
     ]
 
 
+async def test_listen_voice_resuming_just_after_a_finalize_continues_the_line(
+    deepgram: DeepgramEmulator,
+) -> None:
+    """A Finalize at a pause inside a sentence: the line's words go out in that final, the
+    rest of the sentence is an empty segment, and the next utterance gets the next line."""
+    messages: list[Any] = []
+    async with dg_client(deepgram).listen.v1.connect(**LISTEN) as conn:
+        reader = asyncio.create_task(read_all(conn, messages))
+        await send_audio(conn, silence(0.2) + tone(0.5) + silence(0.2))
+        await conn.send_finalize()
+        await send_audio(conn, tone(0.4) + silence(1.2) + tone(0.4) + silence(0.8))
+        await conn.send_close_stream()
+        await asyncio.wait_for(reader, 10)
+
+    finals = [m for m in messages if m.type == "Results" and m.is_final]
+    transcripts = [f.channel.alternatives[0].transcript for f in finals]
+    assert transcripts == ["hello there friend", "", "second line"]
+    assert finals[0].from_finalize and not finals[1].from_finalize
+    (record,) = deepgram.listen_connections
+    assert record.utterances == ["hello there friend", "", "second line"]
+
+
 async def test_listen_scripts_keyed_by_tag_for_concurrent_calls() -> None:
     script = {"call-a": ["I am caller A."], "call-b": ["I am caller B."], "*": ["Anyone."]}
     with DeepgramEmulator(listen_script=script) as emu:

@@ -430,7 +430,10 @@ async def test_a_pause_inside_a_sentence_flushes_the_transcript_but_keeps_the_tu
     sentence = lines["more"] + silence(0.26) + lines["price"]
     with LiveStack(
         tmp_path,
-        deepgram={"listen_script": ["Tell me more please,", "how much is pro?"]},
+        deepgram={
+            "listen_script": ["Tell me more please,", "how much is pro?"],
+            "finalize_continuation_ms": 0,  # each segment its own line, like real words
+        },
         ollama={"replies": ["The pro plan is forty nine dollars."]},
     ) as stack:
         await stack.create_agent()
@@ -448,6 +451,7 @@ async def test_a_pause_inside_a_sentence_flushes_the_transcript_but_keeps_the_tu
             m["content"] for m in stack.ollama.requests[0].body["messages"] if m["role"] == "user"
         ]
 
+    assert listen.utterances == ["Tell me more please,", "how much is pro?"]
     users = [t["text"] for t in call["turns"] if t["role"] == "user"]
     assert users == ["Tell me more please, how much is pro?"]
     assert asked[-1] == "Tell me more please, how much is pro?"
