@@ -89,9 +89,10 @@ class DeepgramConfig:
     stt_final_delay_ms: int = 150
     finalize_delay_ms: int = 20
     finalize_continuation_ms: int = 600
-    """After a Finalize cut an utterance at a pause, voice resuming this soon (audio time)
-    continues the same script line: the line's words all went out in the finalized segment,
-    so the continuation's segment is empty instead of taking the next line."""
+    """After a Finalize cut an utterance (at a pause, or while voice went on), voice resuming
+    this soon (audio time) continues the same script line: the line's words all went out in
+    the finalized segment, so the continuation's segment is empty instead of taking the
+    next line."""
     idle_timeout_s: float = 10.0
 
     # speak
@@ -460,6 +461,9 @@ class _ListenSession:
         if self.utt is not None and silence >= self.endpoint_s - 1e-9:
             self._finish(speech_final=self.endpointing, delay_ms=self.cfg.stt_final_delay_ms)
         if self.utt is None and silence > gap:
+            if self.mute_until_silence:  # the cut utterance's voice just ended
+                continuation = self.cfg.finalize_continuation_ms / 1000
+                self.continues_until = max(self.continues_until, t1 + continuation)
             self.candidate_start = None
             self.mute_until_silence = False
         ue_from = self.utterance_end_from
@@ -520,8 +524,7 @@ class _ListenSession:
             return
         self._finish(speech_final=silent, delay_ms=self.cfg.finalize_delay_ms, from_finalize=True)
         self.mute_until_silence = not silent
-        if silent:
-            self.continues_until = self.audio_time + self.cfg.finalize_continuation_ms / 1000
+        self.continues_until = self.audio_time + self.cfg.finalize_continuation_ms / 1000
 
     def _close_stream(self) -> None:
         if self.utt is not None:
