@@ -2,8 +2,8 @@
 
 The lifecycle only moves forward (`queued → ringing → in-progress → terminal`), so duplicate
 or out-of-order Twilio callbacks never move a call backwards. `SqlCallStore` implements the
-pipeline's `CallStore` protocol on SQLAlchemy; turns and events are group-committed:
-one transaction for whatever all live calls queued meanwhile.
+pipeline's `CallStore` protocol on SQLAlchemy; its writes are group-committed: one
+transaction for whatever all live calls queued meanwhile.
 
 Must not import FastAPI or vendor SDKs.
 """
@@ -75,8 +75,8 @@ async def next_turn_seq(session: AsyncSession, call_id: str) -> int:
 
 PREFETCH_TTL_S = 60.0
 MAX_BATCH = 200
-_CALL_CHANGES = frozenset({"stream_started", "finish", "fields"})
 """Writes per group-commit transaction."""
+_CALL_CHANGES = frozenset({"stream_started", "finish", "fields"})
 
 
 @dataclass(slots=True)
@@ -126,9 +126,10 @@ class SqlCallStore:
         if call_id in self._prefetched:
             return
         loop = asyncio.get_running_loop()
-        self._prefetched[call_id] = loop.create_task(
-            self._load_config(call_id), name="call-config-prefetch"
-        )
+        task = loop.create_task(self._load_config(call_id), name="call-config-prefetch")
+        # a prefetch nobody claims may have failed: its error is read again by load_config
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._prefetched[call_id] = task
         loop.call_later(PREFETCH_TTL_S, self._prefetched.pop, call_id, None)
 
     async def load_config(self, call_id: str) -> AgentConfig | None:
