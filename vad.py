@@ -420,16 +420,24 @@ class VADStream:
         return self._filled >= WINDOW_SAMPLES
 
     async def flush(self) -> list[VADEvent]:
-        """Score every complete window queued by `push()`, in order; returns their events.
-        One flush at a time. With `max_backlog_s`, falling further behind (the model's
-        thread starved) skips the oldest windows: counted in `dropped_windows`."""
+        """Score the complete windows queued by `push()` so far, in order; returns their
+        events. Windows pushed meanwhile wait for the next flush (their `push()` returned
+        True), so a flush is bounded even while speech keeps arriving. One flush at a time.
+        With `max_backlog_s`, falling further behind (the model's thread starved) skips the
+        oldest windows: counted in `dropped_windows`."""
         events: list[VADEvent] = []
+        budget = self._filled // WINDOW_SAMPLES
         self._flushing = True
         try:
-            while self._filled >= WINDOW_SAMPLES:
+            while budget > 0:
+                skipped = self.dropped_windows
                 events += self._drop_backlog()
+                budget -= self.dropped_windows - skipped
+                if budget <= 0:
+                    break
                 probability = await self._score(self._buffer[:INPUT_SAMPLES])
                 self._shift_window()
+                budget -= 1
                 event = self._update(probability)
                 if event is not None:
                     events.append(event)
