@@ -135,15 +135,19 @@ def pacing(result: CallerResult) -> dict[str, list[float]]:
     A run of audio starts when it arrives to an empty buffer or after a clear; it is paced
     by the clock once the caller has held LEAD_S (less a frame) of it. From then on each
     frame is due LEAD_S before it plays; lateness and jitter are measured on those frames."""
-    clears = sorted(result.clears)
+    clears = list(result.clears)
+    order = result.clears_before_media or [
+        sum(1 for c in clears if c <= arrival) for arrival, _ in result.media
+    ]
     play_end, prev_arrival, steady = 0.0, -math.inf, False
     prev_late: float | None = None
     late, jitter, underruns = [], [], []
-    last_clear, stray = -math.inf, 0
-    for arrival, size in result.media:
-        if clears and clears[0] <= arrival:
-            while clears and clears[0] <= arrival:
-                last_clear = clears.pop(0)
+    last_clear, stray, applied = -math.inf, 0, 0
+    for (arrival, size), clears_before in zip(result.media, order, strict=True):
+        if applied < clears_before:  # by message order: one read can hold both, same time
+            while applied < clears_before:
+                last_clear = clears[applied]
+                applied += 1
                 play_end = min(play_end, last_clear)
             prev_arrival = -math.inf
         if arrival - last_clear < STRAY_S and prev_arrival == -math.inf:
@@ -167,8 +171,13 @@ def pacing(result: CallerResult) -> dict[str, list[float]]:
 
 
 def _resume_gap(result: CallerResult, clear_at: float) -> float | None:
-    """From a clear to the next agent audio that arrives (a resumed answer)."""
-    nxt = next((t for t, _ in result.media if t > clear_at), None)
+    """From a clear to the next agent audio that arrives after it (a resumed answer)."""
+    index = result.clears.index(clear_at) + 1 if clear_at in result.clears else None
+    if index is not None and result.clears_before_media:
+        pairs = zip(result.media, result.clears_before_media, strict=True)
+        nxt = next((t for (t, _), n in pairs if n >= index), None)
+    else:
+        nxt = next((t for t, _ in result.media if t > clear_at), None)
     return None if nxt is None else (nxt - clear_at) * 1000
 
 

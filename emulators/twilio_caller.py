@@ -137,6 +137,10 @@ class CallerResult:
     """Every outbound media message received: (arrival time, bytes)."""
     talkspurts: list[Talkspurt] = field(default_factory=list)
     clears: list[float] = field(default_factory=list)
+    clears_before_media: list[int] = field(default_factory=list)
+    """Per media message, how many clears had arrived before it: the order of the two kinds
+    of message, which arrival times cannot always give (the event loop's clock has a
+    millisecond resolution, and one socket read can hold both)."""
     marks: list[MarkEvent] = field(default_factory=list)
     speech: list[SpeechSegment] = field(default_factory=list)
     dtmf: list[tuple[float, str]] = field(default_factory=list)
@@ -512,6 +516,7 @@ class TwilioCaller:
             self.result.errors.append("media without a valid base64 payload")
             return
         self.result.media.append((now, len(audio)))
+        self.result.clears_before_media.append(len(self.result.clears))
         self.result.bytes_received += len(audio)
         if self.result.received_audio is not None:
             self.result.received_audio += audio

@@ -43,3 +43,22 @@ def test_bench_runs_two_short_calls_and_writes_the_report(tmp_path: Path) -> Non
     assert report["caller"]["greeting_ms"]["n"] == 2
     assert report["resources"]["cpu_s_per_call_minute"] > 0
     assert {t["target"] for t in report["targets"]} >= {"inbound frames dropped"}
+
+
+def test_pacing_orders_media_and_clears_by_message_order_not_by_equal_times() -> None:
+    """The caller's clock has a millisecond resolution and one socket read can hold a media
+    message and a clear: a frame read just before the clear, at the same time, was sent
+    before it and is not stale; one read just after it is."""
+    from bench.report import pacing
+    from emulators.twilio_caller import CallerResult
+
+    def caller(clear_first: bool) -> CallerResult:
+        result = CallerResult(account_sid="AC", call_sid="CA", stream_sid="MZ")
+        times = [0.0, 0.1, 0.2, 0.3, 0.4]
+        result.media = [(t, 800) for t in times]
+        result.clears = [0.4]  # read together with the last media message
+        result.clears_before_media = [0, 0, 0, 0, 1 if clear_first else 0]
+        return result
+
+    assert pacing(caller(clear_first=False))["stray"] == [0]
+    assert pacing(caller(clear_first=True))["stray"] == [5]  # five stale frames heard
