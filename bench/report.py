@@ -23,6 +23,7 @@ Definitions (all times in ms):
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -135,10 +136,7 @@ def pacing(result: CallerResult) -> dict[str, list[float]]:
     A run of audio starts when it arrives to an empty buffer or after a clear; it is paced
     by the clock once the caller has held LEAD_S (less a frame) of it. From then on each
     frame is due LEAD_S before it plays; lateness and jitter are measured on those frames."""
-    clears = list(result.clears)
-    order = result.clears_before_media or [
-        sum(1 for c in clears if c <= arrival) for arrival, _ in result.media
-    ]
+    clears, order = result.clears, result.clears_before_media
     play_end, prev_arrival, steady = 0.0, -math.inf, False
     prev_late: float | None = None
     late, jitter, underruns = [], [], []
@@ -172,12 +170,10 @@ def pacing(result: CallerResult) -> dict[str, list[float]]:
 
 def _resume_gap(result: CallerResult, clear_at: float) -> float | None:
     """From a clear to the next agent audio that arrives after it (a resumed answer)."""
-    index = result.clears.index(clear_at) + 1 if clear_at in result.clears else None
-    if index is not None and result.clears_before_media:
-        pairs = zip(result.media, result.clears_before_media, strict=True)
-        nxt = next((t for (t, _), n in pairs if n >= index), None)
-    else:
-        nxt = next((t for t, _ in result.media if t > clear_at), None)
+    # the clear's index; `clear_at` is recomputed from a latency, so not compared exactly
+    index = bisect.bisect_left(result.clears, clear_at - 1e-6) + 1
+    pairs = zip(result.media, result.clears_before_media, strict=True)
+    nxt = next((t for (t, _), n in pairs if n >= index), None)
     return None if nxt is None else (nxt - clear_at) * 1000
 
 
