@@ -255,10 +255,12 @@ class SqlCallStore:
                 call.id: call
                 for call in await session.scalars(select(Call).where(Call.id.in_(ids)))
             }
-            # Agents into the identity map: hooks read them without another query.
+            # Agents into the identity map, held for the batch (the map's references are
+            # weak): the hooks' `session.get(Agent, ...)` then runs no query of its own.
             agent_ids = {call.agent_id for call in calls.values() if call.agent_id}
             if agent_ids:
-                await session.scalars(select(Agent).where(Agent.id.in_(agent_ids)))
+                query = select(Agent).where(Agent.id.in_(agent_ids))
+                session.info["batch_agents"] = list(await session.scalars(query))
             for write in batch:
                 call = calls.get(write.call_id)
                 if write.kind in _CALL_CHANGES:

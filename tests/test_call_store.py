@@ -6,6 +6,7 @@ import re
 
 from sqlalchemy import event, select
 
+from call_report import load_agent
 from call_store import SqlCallStore
 from db import Database
 from models import Agent, Call, CallEvent, TranscriptTurn
@@ -67,6 +68,37 @@ async def test_concurrent_calls_share_transactions_and_keep_their_order(tmp_path
         assert sorted(hooked) == sorted((c, "call.transcript") for c in call_ids for _ in range(5))
         # 200 writes from 20 concurrent calls: batched, not one transaction each
         assert len(commits) < 100
+    finally:
+        await database.aclose()
+
+
+async def test_hooks_read_the_batch_agents_without_a_query_per_write(tmp_path):
+    database = await _database(tmp_path)
+    try:
+        call_ids = await _calls(database, 10)
+        agent_names: list[str] = []
+
+        async def hook(session, call, name):  # what the webhook outbox does for each turn
+            agent_names.append((await load_agent(session, call)).name)
+
+        store = SqlCallStore(database.sessionmaker, hook)
+        agent_selects: list[str] = []
+
+        def count(conn, cursor, statement, *args):
+            if re.search(r"FROM agents\b", statement):
+                agent_selects.append(statement)
+
+        event.listen(database.engine.sync_engine, "before_cursor_execute", count)
+        await asyncio.gather(
+            *(
+                store.add_turn(call_id, seq=seq, role="user", text="hi", start_s=0)
+                for call_id in call_ids
+                for seq in (1, 2, 3)
+            )
+        )
+        assert agent_names == ["Store test"] * 30
+        # one read of the agents per batch, however many of its turns the hook sees
+        assert 1 <= len(agent_selects) < 10
     finally:
         await database.aclose()
 
