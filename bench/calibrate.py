@@ -1,7 +1,13 @@
-"""The emulators' own floor: how much longer than their configured delays the LLM's first
-token and the TTS's first byte take when asked directly from this process (idle, loopback,
-kept-alive connection). Reported beside the pipeline overhead, which counts this floor as
-overhead: part of what the service appears to add is the emulators' scheduling and HTTP.
+"""The emulators' own delay beyond their configured ones, two ways:
+
+- the floor: how much longer than configured the LLM's first token and the TTS's first
+  byte take when asked directly from this process (idle, loopback, kept-alive connection),
+  before the load;
+- the lateness under load: each request's own timing as the emulators recorded it during
+  the run (`GET /emulator/timings`), read afterwards.
+
+Both are reported beside the pipeline overhead, which counts them as overhead: part of what
+the service appears to add is the emulators' scheduling and HTTP.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import httpx
 from bench.report import percentiles
 from bench.script import Providers
 from bench.stack import DEEPGRAM_KEY, BenchStack
+from emulators.base import TIMINGS_PATH
 
 SPEAK_QUERY = {"model": "aura-2-thalia-en", "encoding": "mulaw", "sample_rate": "8000"}
 
@@ -57,3 +64,22 @@ async def emulator_floor(stack: BenchStack, providers: Providers, rounds: int = 
                 llm.append(llm_ms - providers.llm_ttft_ms)
                 tts.append(tts_ms - providers.tts_first_byte_ms)
     return {"llm_ttft_extra_ms": percentiles(llm), "tts_first_byte_extra_ms": percentiles(tts)}
+
+
+TIMED = {"llm": "ollama", "tts": "deepgram"}
+"""Timings key -> the emulator serving it."""
+
+
+async def emulator_timings(stack: BenchStack, since: float, until: float) -> dict[str, list]:
+    """The requests each emulator received in [since, until] (`time.monotonic()`, the same
+    clock in every process) that sent their first token / audio byte:
+    {"llm": [{"received", "first", "configured_ms"}, ...], "tts": [...]}."""
+    params = {"since": repr(since), "until": repr(until)}
+    out: dict[str, list] = {}
+    async with httpx.AsyncClient(timeout=30) as client:
+        for key, emulator in TIMED.items():
+            url = stack.emulator_urls[emulator] + TIMINGS_PATH
+            response = await client.get(url, params=params)
+            response.raise_for_status()
+            out[key] = response.json()[key]
+    return out

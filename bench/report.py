@@ -13,6 +13,10 @@ Definitions (all times in ms):
     tts_leg   = tts_first_audio_ms - llm_first_token_ms - first_chunk - TTS first byte
     pacer_leg = first_media_ms - tts_first_audio_ms
   so anything the service (or the emulators' scheduling, or the loopback) adds is counted.
+- emulator lateness under load, per request the emulators timed during the run:
+  (first output sent - request received) - configured delay, for the LLM's first token and
+  the TTS's first byte. The overhead p95 less both lateness p95s is an approximation of the
+  overhead net of it (percentiles do not subtract exactly).
 - voice-to-voice: the caller's last speech sample -> first agent audio it hears.
 - pacing: each outbound frame's lateness against the pacer's schedule (it plays at
   max(arrival, end of buffered audio); once the pacer has filled its lead, a frame is due
@@ -115,6 +119,35 @@ def server_figures(
         "turn_detection_ms": detect,
         "overhead": over,
         "answers": len(all_answers),
+    }
+
+
+def lateness_figures(timings: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Percentiles of each emulator request's lateness, (first - received) - configured."""
+
+    def late(rows: list[dict[str, float]]) -> list[float]:
+        return [(r["first"] - r["received"]) * 1000 - r["configured_ms"] for r in rows]
+
+    return {
+        "llm_first_token_ms": percentiles(late(timings.get("llm", []))),
+        "tts_first_byte_ms": percentiles(late(timings.get("tts", []))),
+    }
+
+
+def overhead_net_of_lateness(server: dict[str, Any], lateness: dict[str, Any]) -> dict[str, Any]:
+    """Overhead p95 less the LLM and TTS lateness p95s: an approximation (the three p95s
+    are not of the same answers, so they do not subtract exactly)."""
+    parts = (
+        server["overhead"]["total"]["p95"],
+        lateness.get("llm_first_token_ms", {}).get("p95"),
+        lateness.get("tts_first_byte_ms", {}).get("p95"),
+    )
+    total, llm, tts = parts
+    value = None if None in parts else round(total - llm - tts, 1)
+    return {
+        "p95_ms": value,
+        "approximate": True,
+        "formula": "overhead p95 - emulator LLM lateness p95 - emulator TTS lateness p95",
     }
 
 

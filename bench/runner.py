@@ -9,12 +9,13 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.calibrate import emulator_floor
+from bench.calibrate import emulator_floor, emulator_timings
 from bench.load import (
     LoadPlan,
     api_client,
@@ -130,14 +131,21 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
     floor = await emulator_floor(stack, providers)
     idle_rate = await idle_cpu_rate(stack)
     before = await take_readings(stack)
+    load_start = time.monotonic()
     with PeakSampler(server_pid(stack)) as sampler:
         outcomes = await run_load(stack, plan)
+    load_end = time.monotonic()
     after = await take_readings(stack)
     await fetch_details(stack, outcomes)
+    timings = await emulator_timings(stack, load_start, load_end)
     calls = report.call_figures(outcomes, script)
     result = _figures(outcomes, script, providers, calls)
     result["resources"] = resources(before, after, sampler, idle_rate, calls)
     result["emulator_floor"] = floor  # before evaluate(): the net overhead needs it
+    result["emulator_lateness"] = report.lateness_figures(timings)
+    result["server"]["overhead_net_of_emulator_lateness"] = report.overhead_net_of_lateness(
+        result["server"], result["emulator_lateness"]
+    )
     result["inbound_frames_dropped"] = after.metrics.get(DROPPED, 0) - before.metrics.get(
         DROPPED, 0
     )

@@ -104,13 +104,25 @@ def _cell(value: Any) -> str:
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def table(report: dict[str, Any]) -> str:
-    """Percentile rows, counters, resources and targets as plain text."""
-    lines = [f"{'ms':40} {'n':>6} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}"]
-    for label, path in _ROWS:
+_LATENESS_ROWS = [
+    ("  llm first token", "emulator_lateness.llm_first_token_ms"),
+    ("  tts first byte", "emulator_lateness.tts_first_byte_ms"),
+]
+
+
+def _rows(report: dict[str, Any], rows: list[tuple[str, str]]) -> list[str]:
+    lines = []
+    for label, path in rows:
         p = _get(report, path) or {}
         cells = [_cell(p.get(k)) for k in ("n", "p50", "p95", "p99", "max")]
         lines.append(f"{label:40} {cells[0]:>6} " + " ".join(f"{c:>8}" for c in cells[1:]))
+    return lines
+
+
+def table(report: dict[str, Any]) -> str:
+    """Percentile rows, counters, resources and targets as plain text."""
+    lines = [f"{'ms':40} {'n':>6} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}"]
+    lines += _rows(report, _ROWS)
     lines.append("")
     for section in ("calls", "backchannel", "resources"):
         flat = {k: v for k, v in report[section].items() if not isinstance(v, dict | list)}
@@ -120,6 +132,17 @@ def table(report: dict[str, Any]) -> str:
         "emulator floor (direct, idle; counted in the overhead above): "
         + ", ".join(f"{k} p50={_cell((v or {}).get('p50'))}" for k, v in floor.items())
     )
+    if "emulator_lateness" in report:
+        lines.append(
+            "emulator lateness under load (per request: first sent - received - configured, "
+            "as the emulators timed it; counted in the overhead above):"
+        )
+        lines += _rows(report, _LATENESS_ROWS)
+        net = _get(report, "server.overhead_net_of_emulator_lateness.p95_ms")
+        lines.append(
+            "pipeline overhead p95 net of emulator lateness p95 (LLM + TTS), approximate "
+            f"(p95s do not subtract exactly): {_cell(net)} ms"
+        )
     caller = report["caller"]
     lines.append(
         f"counters: inbound_frames_dropped={_cell(report['inbound_frames_dropped'])}, "

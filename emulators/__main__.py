@@ -5,6 +5,8 @@ Settings come from an optional JSON file (`{"twilio": {...}, "deepgram": {...},
 "ollama": {...}}`, keys as in TwilioRestEmulator's arguments, DeepgramConfig and
 OllamaConfig) and then from flags. Once listening it prints one line per emulator and a
 final machine-readable line: `EMULATORS_READY {"twilio": url, "deepgram": url, ...}`.
+The Ollama and Deepgram URLs also serve `GET /emulator/timings` (their own lateness per
+request, `{"llm": [...]}` and `{"tts": [...]}`), which the benchmark reads after a run.
 
 Imports nothing of ours except the emulators (and, through them, utils).
 """

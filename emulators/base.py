@@ -7,6 +7,10 @@ caller's loop is doing (a test blocked in a synchronous SDK call, a benchmark lo
 with 200 callers). Recorded state is written on the server thread under `self.lock` and
 read by other threads through copying properties.
 
+`GET /emulator/timings` (`timings_route`) serves, to another process, when each request
+was received and when its first output went out, against the delay configured for it: the
+emulator's own lateness (the benchmark reads it after a run).
+
 Must not import project modules (not even utils) or vendor SDKs.
 """
 
@@ -18,16 +22,23 @@ import dataclasses
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, Self, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Protocol, Self, TypeVar
 
 import uvicorn
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 T = TypeVar("T")
 
 _SCOPE_SERVER = "emulator.server"
 _SCOPE_RAW_RECEIVE = "emulator.raw_receive"
+
+RECORDS_KEPT = 100_000
+"""Request records an emulator keeps (the most recent), so a long-running one stays bounded."""
+TIMINGS_PATH = "/emulator/timings"
 
 
 class AbortConnection(Exception):
@@ -288,6 +299,59 @@ class PacedResponse:
                 {"type": "http.response.start", "status": self.status, "headers": self.headers}
             )
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+# --- timings ---------------------------------------------------------------------------------
+
+
+class Timed(Protocol):
+    """A request record with its timing: `time.monotonic()` when the request was received
+    (its body read) and when its first output (token line, audio byte) was handed to the
+    transport, and the delay configured before that first output. None when not recorded
+    (the request failed, was cancelled first, or its kind is not timed)."""
+
+    @property
+    def received(self) -> float | None: ...
+
+    @property
+    def first(self) -> float | None: ...
+
+    @property
+    def configured_ms(self) -> float | None: ...
+
+
+def _time_param(request: Request, name: str) -> float | None:
+    value = request.query_params.get(name)
+    return None if value is None else float(value)
+
+
+def timings_route(
+    server: ThreadedServer, key: str, records: Callable[[], Iterable[Timed]]
+) -> Route:
+    """`GET /emulator/timings[?since=t][&until=t]` -> `{key: [{"received", "first",
+    "configured_ms"}, ...]}`, in the order received, for the requests whose first output
+    went out; `since` (exclusive) and `until` (inclusive) bound `received`. Times are
+    `time.monotonic()` (CLOCK_MONOTONIC, the same in every process of the machine).
+    `records()` is read on the server thread, under `server.lock`."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            since, until = _time_param(request, "since"), _time_param(request, "until")
+        except ValueError:
+            return JSONResponse({"error": "since and until must be numbers"}, 400)
+        with server.lock:
+            rows = [
+                {"received": r.received, "first": r.first, "configured_ms": r.configured_ms}
+                for r in records()
+                if r.received is not None
+                and r.first is not None
+                and r.configured_ms is not None
+                and (since is None or r.received > since)
+                and (until is None or r.received <= until)
+            ]
+        return JSONResponse({key: rows})
+
+    return Route(TIMINGS_PATH, endpoint, methods=["GET"])
 
 
 # --- config and waiting helpers -------------------------------------------------------------

@@ -7,7 +7,10 @@ detected utterance the next line of a script. All timestamps in messages are aud
 (bytes received / byte rate); each message is then held back by a configured wall-clock
 latency, in order, as a real service would.
 
-Speak returns a clearly non-silent tone of `tts_ms_per_char` per character of text.
+Speak returns a clearly non-silent tone of `tts_ms_per_char` per character of text. Each
+REST speak request's timing (received, first audio byte written, configured
+`tts_first_byte_ms`) is served at `GET /emulator/timings` as `{"tts": [...]}` (see
+`emulators.base.timings_route`).
 
 Must not import project modules other than utils.
 """
@@ -37,11 +40,13 @@ from starlette.types import Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from emulators.base import (
+    RECORDS_KEPT,
     AbortConnection,
     PacedResponse,
     ThreadedServer,
     abort_connection,
     config_from,
+    timings_route,
 )
 from utils import mulaw_decode, mulaw_encode
 
@@ -160,6 +165,13 @@ class SpeakRecord:
     status: int = 200
     audio_bytes: int = 0
     cancelled: bool = False
+    # timing, REST only (None for the WebSocket, and for a request that sent no audio)
+    received: float | None = None
+    """`time.monotonic()` once the request body was read."""
+    first: float | None = None
+    """`time.monotonic()` once the first audio chunk was handed to the transport."""
+    configured_ms: float | None = None
+    """The `tts_first_byte_ms` this request was given."""
 
 
 # --- audio -----------------------------------------------------------------------------------
@@ -690,7 +702,8 @@ class DeepgramEmulator(ThreadedServer):
     """`/v1/listen` (WebSocket) and `/v1/speak` (REST and WebSocket) on one server.
 
     Recorded (copies): `listen_connections` (ListenRecord per connection, in order),
-    `speak_requests` (SpeakRecord), counters `listen_connects`, `listen_refused`.
+    `speak_requests` (SpeakRecord, the last RECORDS_KEPT), counters `listen_connects`,
+    `listen_refused`; over HTTP, `GET /emulator/timings` (REST speak requests).
     Faults: `drop_listen_connections()`, `refuse_listen()`, `fail_next_speak()`,
     `drop_next_speak()`.
     """
@@ -710,7 +723,7 @@ class DeepgramEmulator(ThreadedServer):
         self.model_uuid = str(uuid.uuid4())
         self._listen: list[ListenRecord] = []
         self._live: dict[int, tuple[Scope, ListenRecord]] = {}
-        self._speak: list[SpeakRecord] = []
+        self._speak: deque[SpeakRecord] = deque(maxlen=RECORDS_KEPT)
         self._speak_failures: deque[tuple[int, str]] = deque()
         self._speak_drops: deque[int] = deque()
         self._refuse_until = 0.0
@@ -808,6 +821,7 @@ class DeepgramEmulator(ThreadedServer):
             WebSocketRoute("/v1/listen", self._listen_endpoint),
             WebSocketRoute("/v1/speak", self._speak_ws_endpoint),
             Route("/v1/speak", self._speak_rest_endpoint, methods=["POST"]),
+            timings_route(self, "tts", lambda: self._speak),
         ]
         return Starlette(routes=routes)
 
@@ -889,7 +903,9 @@ class DeepgramEmulator(ThreadedServer):
             text = str((await request.json()).get("text") or "")
         except (ValueError, AttributeError):
             text = ""
-        record = SpeakRecord(text=text, transport="rest", query=query, time=time.time())
+        record = SpeakRecord(
+            text=text, transport="rest", query=query, time=time.time(), received=time.monotonic()
+        )
         self.record_speak(record)
         if not text.strip():
             record.status = 400
@@ -910,14 +926,18 @@ class DeepgramEmulator(ThreadedServer):
         if container == "wav":
             data_bytes = _tts_bytes(text, fmt, self.config.tts_ms_per_char)
             header = _wav_header(fmt.encoding, fmt.sample_rate, data_bytes)
+        record.configured_ms = self.config.tts_first_byte_ms
 
         async def body() -> AsyncIterator[bytes]:
             first = True
             async for chunk in self.speak_audio(text, fmt, drop_after=drop_after):
                 if first and header:
-                    chunk, first = header + chunk, False
+                    chunk = header + chunk
                 record.audio_bytes += len(chunk)
                 yield chunk
+                # resumed once the chunk was sent: PacedResponse asks for the next one
+                if first:
+                    record.first, first = time.monotonic(), False
 
         def cancelled() -> None:
             record.cancelled = True

@@ -8,6 +8,9 @@ a steady token rate. Faults: unknown model (404), HTTP 500, a stall before the f
 byte, an error line mid-stream, a slow first token. A client that disconnects before the
 stream ends stops generation and is counted as a cancellation.
 
+Each streamed chat's timing (received, first token line written, configured TTFT) is
+served at `GET /emulator/timings` as `{"llm": [...]}` (see `emulators.base.timings_route`).
+
 Must not import project modules.
 """
 
@@ -29,7 +32,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from emulators.base import PacedResponse, ThreadedServer, config_from
+from emulators.base import (
+    RECORDS_KEPT,
+    PacedResponse,
+    ThreadedServer,
+    config_from,
+    timings_route,
+)
 
 DEFAULT_REPLY = (
     "Thanks for taking my call! I'm reaching out because we help teams like yours book more "
@@ -95,6 +104,13 @@ class ChatRecord:
     http_status: int = 200
     tokens_sent: int = 0
     reply: Reply | None = None
+    received: float | None = None
+    """`time.monotonic()` once the request body was read."""
+    first: float | None = None
+    """`time.monotonic()` once the first content token line was handed to the transport
+    (streaming replies only; None when no token went out)."""
+    configured_ms: float | None = None
+    """The time to first token this request was given (config, or a "slow" fault)."""
 
 
 def split_tokens(text: str) -> list[str]:
@@ -124,8 +140,9 @@ def _same_model(a: str, b: str) -> bool:
 class OllamaEmulator(ThreadedServer):
     """Scripted Ollama server.
 
-    Recorded (copies): `requests` (ChatRecord per /api/chat call), `request_bodies`,
-    `cancellations` (clients gone before the stream ended), `active_generations`.
+    Recorded (copies): `requests` (ChatRecord per /api/chat call, the last RECORDS_KEPT),
+    `request_bodies`, `cancellations` (clients gone before the stream ended),
+    `active_generations`; over HTTP, `GET /emulator/timings`.
     Faults: `set_fault(mode, count=None, ttft_ms=None)`, `clear_faults()`.
     """
 
@@ -141,7 +158,7 @@ class OllamaEmulator(ThreadedServer):
     ) -> None:
         super().__init__(host=host, port=port)
         self.config = config_from(OllamaConfig, config, overrides)
-        self._records: list[ChatRecord] = []
+        self._records: deque[ChatRecord] = deque(maxlen=RECORDS_KEPT)
         self._faults: deque[Fault] = deque()
         self._cancellations = 0
         self._active = 0
@@ -221,6 +238,7 @@ class OllamaEmulator(ThreadedServer):
             Route("/api/ps", self._ps, methods=["GET"]),
             Route("/api/show", self._show, methods=["POST"]),
             Route("/api/chat", self._chat, methods=["POST"]),
+            timings_route(self, "llm", lambda: self._records),
         ]
         return Starlette(routes=routes)
 
@@ -270,7 +288,7 @@ class OllamaEmulator(ThreadedServer):
 
     async def _chat(self, request: Request) -> Response | PacedResponse:
         body = await _json_body(request)
-        record = ChatRecord(body=body, time=time.time())
+        record = ChatRecord(body=body, time=time.time(), received=time.monotonic())
         with self.lock:
             self._records.append(record)
         model = str(body.get("model") or "")
@@ -286,6 +304,7 @@ class OllamaEmulator(ThreadedServer):
             record.status, record.http_status = "http_error", 500
             return JSONResponse({"error": MODEL_ERROR}, 500)
         ttft = fault.ttft_ms if fault and fault.ttft_ms is not None else self.config.ttft_ms
+        record.configured_ms = ttft
         return self._respond(model, body, reply, mode, ttft / 1000, record)
 
     def _reject(self, model: str) -> Response | None:
@@ -372,6 +391,9 @@ class _Turn:
             if self.mode == "midstream_error" and i >= self.error_after:
                 break
             yield _line(self._chunk({"role": "assistant", "content": token}))
+            # resumed once the line was sent: PacedResponse asks for the next one
+            if i == 0:
+                self.record.first = time.monotonic()
             self.record.tokens_sent += 1
             due = first + (i + 1) / self.rate
             if due > loop.time():

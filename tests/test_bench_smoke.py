@@ -24,6 +24,7 @@ def test_bench_runs_two_short_calls_and_writes_the_report(tmp_path: Path) -> Non
 
     assert done.returncode == 0, done.stderr[-2000:]
     assert "voice-to-voice" in done.stdout
+    assert "emulator lateness under load" in done.stdout
     report = json.loads(out.read_text())
     assert set(report) >= {
         "calls",
@@ -34,12 +35,18 @@ def test_bench_runs_two_short_calls_and_writes_the_report(tmp_path: Path) -> Non
         "inbound_frames_dropped",
         "targets",
         "run",
+        "emulator_floor",
+        "emulator_lateness",
     }
     assert report["calls"]["placed"] == 2
     assert report["calls"]["completed"] == 2, report["calls"]
     assert set(report["server"]["stages"]) >= {"stt_final_ms", "first_media_ms", "retrieval_ms"}
     assert report["server"]["overhead"]["total"]["n"] == 2
     assert report["caller"]["voice_to_voice_ms"]["n"] == 2
+    # every answer's first token and first audio byte was timed by the emulators
+    assert report["emulator_lateness"]["llm_first_token_ms"]["n"] >= 2
+    assert report["emulator_lateness"]["tts_first_byte_ms"]["n"] >= 2
+    assert report["server"]["overhead_net_of_emulator_lateness"]["p95_ms"] is not None
     assert report["caller"]["greeting_ms"]["n"] == 2
     assert report["resources"]["cpu_s_per_call_minute"] > 0
     assert {t["target"] for t in report["targets"]} >= {"inbound frames dropped"}

@@ -9,6 +9,7 @@ import base64
 import json
 import re
 import struct
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -30,7 +31,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from emulators.__main__ import build, parse_args
-from emulators.base import ThreadedServer, async_wait_until, stop_all
+from emulators.base import TIMINGS_PATH, ThreadedServer, async_wait_until, stop_all
 from emulators.deepgram import DeepgramEmulator, expected_tts_bytes
 from emulators.ollama import OllamaEmulator, Reply, split_tokens
 from emulators.twilio_caller import (
@@ -624,6 +625,55 @@ async def test_ollama_tags_version_show(ollama: OllamaEmulator) -> None:
     async with httpx.AsyncClient(base_url=ollama.url) as http:
         assert (await http.get("/api/version")).json() == {"version": "0.12.3"}
         assert (await http.post("/api/show", json={"model": "x"})).status_code == 404
+
+
+# --- /emulator/timings ---------------------------------------------------------------------
+
+
+async def timings(emu: ThreadedServer, **params: float) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=emu.url, timeout=5) as http:
+        response = await http.get(TIMINGS_PATH, params=params)
+        response.raise_for_status()
+        return dict(response.json())
+
+
+async def test_timings_show_each_request_late_by_at_least_its_configured_delay(
+    ollama: OllamaEmulator, deepgram: DeepgramEmulator
+) -> None:
+    ollama.config.ttft_ms = 80
+    deepgram.config.tts_first_byte_ms = 60
+    started = time.monotonic()
+    await chat_parts(ollama_client(ollama), [USER])
+    await speak(deepgram, "Hello.", container="none")
+    done = time.monotonic()
+
+    [llm] = (await timings(ollama))["llm"]
+    [tts] = (await timings(deepgram))["tts"]
+    assert set(await timings(ollama)) == {"llm"} and set(await timings(deepgram)) == {"tts"}
+    assert llm["configured_ms"] == 80 and tts["configured_ms"] == 60
+    for row in (llm, tts):
+        assert started < row["received"] < row["first"] < done
+        assert (row["first"] - row["received"]) * 1000 >= row["configured_ms"]
+
+    # a second request each; `since` keeps only what was received after it
+    await chat_parts(ollama_client(ollama), [USER])
+    await speak(deepgram, "Again.", container="none")
+    assert len((await timings(ollama, since=started))["llm"]) == 2
+    [newer_llm] = (await timings(ollama, since=llm["received"]))["llm"]
+    [newer_tts] = (await timings(deepgram, since=tts["received"]))["tts"]
+    assert newer_llm["received"] > llm["first"] and newer_tts["received"] > tts["first"]
+    assert (await timings(deepgram, since=time.monotonic()))["tts"] == []
+    assert (await timings(deepgram, since=started, until=done))["tts"] == [tts]
+
+    # requests that sent nothing (a failed speak, a non-streamed chat) are not timed
+    deepgram.fail_next_speak(1, status=503)
+    with pytest.raises(ApiError):
+        await speak(deepgram, "Hi.", container="none")
+    await ollama_client(ollama).chat(model="llama3.2", messages=[USER], stream=False)
+    assert len((await timings(deepgram))["tts"]) == 2
+    assert len((await timings(ollama))["llm"]) == 2
+    async with httpx.AsyncClient(base_url=ollama.url) as http:
+        assert (await http.get(TIMINGS_PATH, params={"since": "x"})).status_code == 400
 
 
 # --- TwilioCaller ---------------------------------------------------------------------------
