@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     DEEPGRAM_BASE_URL: str = "https://api.deepgram.com"
     DEEPGRAM_STT_MODEL: str = "nova-3"
     DEEPGRAM_ENDPOINTING_MS: int = 300
-    EARLY_FINALIZE_MS: int = 160
+    EARLY_FINALIZE_MS: int = 96
+    EARLY_ANSWERS: bool = True
     DEEPGRAM_UTTERANCE_END_MS: int = 1000
     DEEPGRAM_TTS_VOICE: str = "aura-2-thalia-en"
 

@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 vad_threshold=settings.VAD_THRESHOLD,
                 end_of_speech_ms=settings.DEEPGRAM_ENDPOINTING_MS,
                 finalize_after_ms=settings.EARLY_FINALIZE_MS,
+                early_answers=settings.EARLY_ANSWERS,
                 retriever=KnowledgeRetriever(knowledge),
                 tools=AgentTools(database.sessionmaker, twilio, settings, tools_http),
             )

@@ -39,6 +39,12 @@ class PipelineMetrics:
             ["outcome"],
             registry=r,
         )
+        self.early_answers = Counter(
+            "aisdr_early_answers",
+            "Answers started on a pause's transcript: started, then used or why discarded",
+            ["outcome"],
+            registry=r,
+        )
         self.provider_errors = Counter(
             "aisdr_provider_errors", "Provider failures during calls", ["provider"], registry=r
         )

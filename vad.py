@@ -108,7 +108,16 @@ class VADPause:
     detected_at: float
 
 
-VADEvent = VADSpeechStart | VADPause | VADSpeechEnd
+@dataclass(frozen=True, slots=True)
+class VADResume:
+    """Speech again after a VADPause, before the silence became the end of speech: the
+    pause was inside the utterance. `at` is the audio time of the first speech window."""
+
+    at: float
+    detected_at: float
+
+
+VADEvent = VADSpeechStart | VADPause | VADResume | VADSpeechEnd
 
 
 # --- model ------------------------------------------------------------------------------
@@ -341,7 +350,8 @@ class VADStream:
     and in between keeps the current status (hysteresis). Speech is confirmed once it has
     lasted `min_speech_ms` and ends after `min_silence_ms` of silence. With `pause_ms`
     (shorter than `min_silence_ms`), a VADPause marks each silence that long on the way:
-    the moment to flush the transcriber, before the end of the turn is certain.
+    the moment to flush the transcriber, before the end of the turn is certain, and a
+    VADResume follows it if speech comes back before that.
     """
 
     def __init__(
@@ -387,6 +397,11 @@ class VADStream:
     def is_speaking(self) -> bool:
         """Speech confirmed and not yet ended."""
         return self._speaking
+
+    @property
+    def is_pausing(self) -> bool:
+        """Speaking, and silent since a VADPause: the turn may be ending."""
+        return self._speaking and self._paused_at is not None
 
     @property
     def speech_duration(self) -> float:
@@ -521,9 +536,11 @@ class VADStream:
 
     def _update_speaking(
         self, start: int, end: int, is_speech: bool, is_silence: bool
-    ) -> VADSpeechEnd | VADPause | None:
+    ) -> VADSpeechEnd | VADPause | VADResume | None:
         if is_speech:
+            resumed = self._paused_at is not None
             self._silence_start = self._paused_at = None
+            return VADResume(self._seconds(start), self._clock()) if resumed else None
         elif is_silence and self._silence_start is None:
             self._silence_start = start
         if self._silence_start is None:

@@ -54,7 +54,15 @@ from providers import (
     UtteranceEnd,
 )
 from utils import FRAME_BYTES, SAMPLE_RATE
-from vad import WINDOW_SAMPLES, VADBatcher, VADPause, VADSpeechEnd, VADSpeechStart, VADStream
+from vad import (
+    WINDOW_SAMPLES,
+    VADBatcher,
+    VADPause,
+    VADResume,
+    VADSpeechEnd,
+    VADSpeechStart,
+    VADStream,
+)
 
 log = logging.getLogger("ai_sdr.pipeline")
 
@@ -210,12 +218,16 @@ class PipelineDeps:
     """Silence after which the caller's speech has ended: Finalize is sent to the STT then.
     Kept equal to Deepgram's endpointing so a forced final never cuts a caller off sooner
     than Deepgram itself would."""
-    finalize_after_ms: int = 160
+    finalize_after_ms: int = 96
     """Silence after which Finalize is sent already, while the end of the turn is not yet
-    certain (it is at `end_of_speech_ms`): the final transcript is then in by the time the
-    turn ends, instead of a transcription round trip later. 0: only at the end of speech.
-    Longer than the pauses inside a spoken sentence (up to ~130 ms in espeak-ng speech),
-    which would only split the transcript into segments."""
+    certain (it is at `end_of_speech_ms`): the final transcript is then in before the turn
+    ends, instead of a transcription round trip later, and an early answer can start on it.
+    0: only at the end of speech. A pause inside a sentence this long (espeak-ng pauses up
+    to ~130 ms at a comma) splits the transcript into segments of one turn, and costs an
+    early answer that the resumed speech discards."""
+    early_answers: bool = True
+    """Start the answer on a pause's final transcript, before the turn is certain; it is
+    heard only if the turn then ends with that same transcript (see `EarlyAnswer`)."""
     clock: Clock = time.monotonic
 
 
@@ -329,6 +341,9 @@ class Speech:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     timing: TurnTiming | None = None
     latency: dict[str, float | None] = field(default_factory=dict)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the speech may be heard and act: at once, or for an early answer when the
+    turn ends as it guessed. Until then it is synthesised but not sent, runs no tool."""
 
     def complete_bytes(self) -> int:
         ends = [c.end for c in self.chunks if c.end is not None]
@@ -359,6 +374,18 @@ class BargeIn:
     speech: Speech
     heard: str
     vad_ended_at: float | None = None
+
+
+@dataclass(slots=True)
+class EarlyAnswer:
+    """An answer started on the final transcript of a pause, before the turn is certain.
+    It is used if the turn ends with exactly that transcript; speech resuming, or any other
+    speech starting, discards it."""
+
+    text: str
+    speech: Speech
+    task: asyncio.Task[None]
+    timing: TurnTiming
 
 
 @dataclass(slots=True)
@@ -435,6 +462,7 @@ class CallSession:
         self._flushed_silence: float | None = None  # silence a VADPause already finalized
         self._finalizes_pending = 0  # Finalize sent, its from_finalize final not yet in
         self._barge_in: BargeIn | None = None
+        self._early: EarlyAnswer | None = None
         self._dtmf: list[str] = []
         self._dtmf_at = 0.0
         # timers and bookkeeping
@@ -630,7 +658,12 @@ class CallSession:
                     self._on_speech_start(event)
                 elif isinstance(event, VADPause):
                     self._flushed_silence = event.silence_start
+                    self._timing.eos_at = self._audio_to_clock(event.silence_start)
                     await self._finalize()
+                elif isinstance(event, VADResume):
+                    self._timing.eos_at = None  # the pause was inside the utterance
+                    self._last_activity = self.clock()
+                    self._drop_early("resumed")
                 else:
                     await self._on_speech_end(event)
 
@@ -638,6 +671,7 @@ class CallSession:
         self._last_activity = self.clock()
         self._vad_ended = False
         self._finalizes_pending = 0  # one lost to a reconnect must not hold up later turns
+        self._drop_early("resumed")
         # speech again: an earlier end of speech is no longer the end of this utterance
         self._timing.eos_at = None
         self._utt_end = None
@@ -702,6 +736,8 @@ class CallSession:
             # and no other flush is outstanding (a pause may have flushed mid-sentence).
             if self._vad_ended and self._finalizes_pending == 0:
                 self._end_of_turn(event.received_at or self.clock())
+            elif self._finalizes_pending == 0 and self._vad.is_pausing:
+                self._start_early_answer(event.received_at or self.clock())
         elif event.speech_final:  # the transcriber's own endpointing
             self._end_of_turn(event.received_at or self.clock())
 
@@ -718,6 +754,8 @@ class CallSession:
 
     def _end_of_turn(self, final_at: float) -> None:
         text = " ".join(self._finals).strip()
+        if self._early is not None and (self._early.text != text or self._early.task.done()):
+            self._drop_early("changed")
         timing = self._timing
         # when the turn was certain: the last final, or the end of speech if that came later
         timing.final_at = max(timing.final_at or final_at, final_at)
@@ -738,12 +776,43 @@ class CallSession:
                 return
             self._interrupt_current("caller-spoke")
         if self._ending:
+            self._drop_early("ending")
             return
-        self._user_turn(text, timing, onset, end)
+        self._user_turn(text, self._early.timing if self._early else timing, onset, end)
+
+    def _start_early_answer(self, final_at: float) -> None:
+        """The pause's final is in while the caller may still go on: start answering it now,
+        to be heard only if the turn ends with this transcript."""
+        text = " ".join(self._finals).strip()
+        idle = self._speech is None and self._barge_in is None and not self._ending
+        if not (self.deps.early_answers and idle and text):
+            return
+        if self._early is not None:
+            if self._early.text == text:
+                return
+            self._drop_early("changed")
+        timing = TurnTiming(eos_at=self._timing.eos_at, final_at=final_at)
+        history = [*self.history, {"role": "user", "content": text}]
+        speech, task = self._new_producer(
+            "answer", lambda speech: self._answer(speech, text, timing, history)
+        )
+        self._early = EarlyAnswer(text=text, speech=speech, task=task, timing=timing)
+        self.deps.metrics.early_answers.labels("started").inc()
+
+    def _drop_early(self, why: str) -> None:
+        early, self._early = self._early, None
+        if early is None:
+            return
+        early.speech.cancelled = True
+        early.task.cancel()
+        self.deps.metrics.early_answers.labels(why).inc()
+        log.debug("call %s: early answer discarded (%s)", self.config.call_id, why)
 
     def _user_turn(
         self, text: str, timing: TurnTiming, onset: float | None, end: float | None
     ) -> None:
+        """The caller's turn is over: record it and answer, with the early answer if it
+        guessed this turn (`self._early`, then released now) or a fresh one."""
         self._reprompted = False
         self._write(
             "turn",
@@ -758,7 +827,14 @@ class CallSession:
         )
         self.history.append({"role": "user", "content": text})
         self._observe("stt_final", timing.ms(timing.final_at))
-        self._start_speech("answer", lambda speech: self._answer(speech, text, timing))
+        early, self._early = self._early, None
+        if early is None:
+            self._start_speech("answer", lambda speech: self._answer(speech, text, timing))
+            return
+        self.deps.metrics.early_answers.labels("used").inc()
+        self._speech, self._producer, self._paused = early.speech, early.task, False
+        early.speech.released.set()
+        self._wake_pacer.set()
 
     # --- barge-in -----------------------------------------------------------------------
 
@@ -871,14 +947,21 @@ class CallSession:
     def _start_speech(
         self, kind: str, texts: Callable[[Speech], AsyncIterator[str]] | str
     ) -> Speech:
-        self._speech_ids += 1
-        speech = Speech(id=self._speech_ids, kind=kind)
+        self._drop_early("superseded")
+        speech, self._producer = self._new_producer(kind, texts)
+        speech.released.set()
         self._speech = speech
         self._paused = False
+        return speech
+
+    def _new_producer(
+        self, kind: str, texts: Callable[[Speech], AsyncIterator[str]] | str
+    ) -> tuple[Speech, asyncio.Task[None]]:
+        self._speech_ids += 1
+        speech = Speech(id=self._speech_ids, kind=kind)
         chunks = self._say(texts) if isinstance(texts, str) else texts(speech)
         assert self._tg is not None
-        self._producer = self._tg.create_task(self._produce(speech, chunks), name=kind)
-        return speech
+        return speech, self._tg.create_task(self._produce(speech, chunks), name=kind)
 
     async def _produce(self, speech: Speech, chunks: AsyncIterator[str]) -> None:
         """Synthesise each text chunk into `speech`; mark the end of each chunk."""
@@ -889,6 +972,7 @@ class CallSession:
         finally:
             speech.producer_done = True
             self._wake_pacer.set()
+        await speech.released.wait()
         await self._wait_played(speech)
         if self._speech is speech:
             self._close_speech(speech, speech.full_text(), interrupted=False)
@@ -1058,10 +1142,18 @@ class CallSession:
 
     # --- answering ----------------------------------------------------------------------
 
-    async def _answer(self, speech: Speech, text: str, timing: TurnTiming) -> AsyncIterator[str]:
+    async def _answer(
+        self,
+        speech: Speech,
+        text: str,
+        timing: TurnTiming,
+        history: list[Message] | None = None,
+    ) -> AsyncIterator[str]:
+        """`history` ends with the caller's turn (default: the call's history, which has it
+        already; an early answer passes a copy with the turn the call has yet to take)."""
         speech.timing = timing
         speech.latency["stt_final_ms"] = timing.ms(timing.final_at)
-        messages = await self._messages_for(text, timing)
+        messages = await self._messages_for(text, timing, history)
         speech.latency["retrieval_ms"] = timing.retrieval_ms
         tools = self.deps.tools.schemas(self.config) if self.deps.tools else []
         for _round in range(4):  # tool rounds
@@ -1087,6 +1179,7 @@ class CallSession:
                             yield chunk
                 self._llm_failures = 0
             except LLMError as exc:
+                await speech.released.wait()  # an early answer's failure counts once used
                 async for line in self._llm_failed(exc):
                     yield line
                 return
@@ -1094,6 +1187,7 @@ class CallSession:
                 yield rest
             if not calls:
                 return
+            await speech.released.wait()  # tools act: never for a turn that may not be over
             outcome_lines = await self._run_tools(speech, calls, messages)
             for line in outcome_lines:
                 yield line
@@ -1112,8 +1206,10 @@ class CallSession:
             return
         yield self.config.fallback_line
 
-    async def _messages_for(self, text: str, timing: TurnTiming) -> list[Message]:
-        messages = list(self.history)
+    async def _messages_for(
+        self, text: str, timing: TurnTiming, history: list[Message] | None = None
+    ) -> list[Message]:
+        messages = list(self.history if history is None else history)
         retriever = self.deps.retriever
         if retriever is None:
             return messages

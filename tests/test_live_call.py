@@ -421,10 +421,11 @@ async def test_tts_failure_retries_once_then_speaks_the_fallback(tmp_path, lines
 
 
 async def test_a_pause_inside_a_sentence_flushes_the_transcript_but_keeps_the_turn(tmp_path, lines):
-    """260 ms of silence mid-sentence: to the VAD, longer than EARLY_FINALIZE_MS (160), so
-    the pipeline already asks Deepgram for its final, but shorter than the 300 ms that end
-    a turn. The two segments must make one user turn and one answer, and once the caller
-    has finished, the turn ends without another Finalize round trip."""
+    """260 ms of silence mid-sentence: to the VAD, longer than EARLY_FINALIZE_MS (96), so
+    the pipeline already asks Deepgram for its final and starts an early answer on it, but
+    shorter than the 300 ms that end a turn. The caller going on cancels that answer unheard;
+    the two segments make one user turn and one answer, and once the caller has finished,
+    the turn ends without another Finalize round trip."""
     from emulators.audio import silence
 
     sentence = lines["more"] + silence(0.26) + lines["price"]
@@ -448,13 +449,19 @@ async def test_a_pause_inside_a_sentence_flushes_the_transcript_but_keeps_the_tu
         call = await stack.call_detail(call_id)
         (listen,) = stack.deepgram.listen_connections
         asked = [
-            m["content"] for m in stack.ollama.requests[0].body["messages"] if m["role"] == "user"
+            (r.status, [m["content"] for m in r.body["messages"] if m["role"] == "user"])
+            for r in stack.ollama.requests
         ]
+        spoken = stack.deepgram.speak_texts
 
     assert listen.utterances == ["Tell me more please,", "how much is pro?"]
     users = [t["text"] for t in call["turns"] if t["role"] == "user"]
     assert users == ["Tell me more please, how much is pro?"]
-    assert asked[-1] == "Tell me more please, how much is pro?"
+    # the early answer to the first half was cancelled once the caller went on
+    early, answer = asked[:2]  # then the post-call analysis
+    assert early == ("cancelled", ["Tell me more please,"])
+    assert answer == ("completed", ["Tell me more please, how much is pro?"])
+    assert "The pro plan is forty nine dollars." in spoken
     assert [t["text"] for t in _answers(call)][1:] == ["The pro plan is forty nine dollars."]
     # one Finalize per pause: at the mid-sentence pause, and once at the end; none when
     # the turn ended (that silence was already flushed)

@@ -584,6 +584,53 @@ async def test_sms_then_transfer_after_the_last_words(tmp_path: Path, lines) -> 
 
 
 @pytestmark_live
+async def test_an_early_answer_runs_no_tool_before_the_turn_is_over(tmp_path: Path, lines) -> None:
+    """The caller pauses 260 ms mid-request: the pipeline starts an early answer on the
+    first half, whose reply is a tool call. The turn is not over, so the tool must not run;
+    the caller going on cancels that answer, and only the whole request's tool runs."""
+    from emulators.audio import silence
+
+    def llm(messages: list[dict[str, Any]]) -> Reply:
+        last = _last(messages)
+        if last.get("role") == "tool":
+            return Reply("Done, I just texted you the link.")
+        sms = {"message": f"You asked: {last.get('content')}"}
+        return Reply(tool_calls=[{"name": "send_sms", "arguments": sms}])
+
+    with LiveStack(
+        tmp_path,
+        deepgram={
+            "listen_script": ["Could you text me", "the link please?"],
+            "finalize_continuation_ms": 0,  # each segment its own line
+        },
+        ollama={"replies": llm, "ttft_ms": 0},  # the tool call is in long before speech resumes
+    ) as stack:
+        await stack.create_agent(tools=[{"type": "send_sms"}])
+        _, result = await stack.inbound_call(
+            [
+                SayAfterAgentAudio(1, 0.4, lines["text"] + silence(0.26) + lines["human"]),
+                HangupAfterAgentAudio(2, 0.5, anchor="end"),
+                Hangup(25.0),
+            ],
+            max_duration_s=30,
+        )
+        requests = [
+            (r.status, [m["content"] for m in r.body["messages"] if m["role"] == "user"])
+            for r in stack.ollama.requests
+        ]
+        messages = stack.twilio.messages
+        async with stack.api() as http:
+            metrics = (await http.get("/metrics")).text
+
+    assert [m["body"] for m in messages] == ["You asked: Could you text me the link please?"]
+    # the early answer got its tool call, and was cancelled unheard and unacted
+    assert requests[0] == ("completed", ["Could you text me"])
+    assert [users for _, users in requests[1:]] == [["Could you text me the link please?"]] * 2
+    assert 'aisdr_early_answers_total{outcome="resumed"} 1.0' in metrics
+    assert result.ended_by == "hangup"
+
+
+@pytestmark_live
 async def test_barge_in_during_a_slow_tool_keeps_one_result(tmp_path: Path, lines) -> None:
     with ToolServer(reply={"status": "shipped", "eta": "Friday"}, delay_s=3.0) as server:
 

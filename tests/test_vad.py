@@ -20,6 +20,7 @@ from vad import (
     VADBatcher,
     VADEvent,
     VADPause,
+    VADResume,
     VADSpeechEnd,
     VADSpeechStart,
     VADStream,
@@ -348,10 +349,18 @@ async def test_a_pause_is_reported_once_per_silence_and_speech_may_resume(batche
     audio = silence(LEAD_IN) + demo + silence(0.34) + price + silence(1.0)
     events = await run(VADStream(batcher, min_silence_ms=300, pause_ms=160), audio)
 
-    assert kinds(events) == ["VADSpeechStart", "VADPause", "VADPause", "VADSpeechEnd"]
-    _, mid, last, end = events
+    assert kinds(events) == [
+        "VADSpeechStart",
+        "VADPause",
+        "VADResume",
+        "VADPause",
+        "VADSpeechEnd",
+    ]
+    _, mid, resume, last, end = events
     assert isinstance(mid, VADPause) and isinstance(last, VADPause)
-    assert isinstance(end, VADSpeechEnd)
+    assert isinstance(end, VADSpeechEnd) and isinstance(resume, VADResume)
+    # speech came back where the second sentence starts
+    assert resume.at == pytest.approx(mid.silence_start + 0.34, abs=ONSET_TOLERANCE)
     # the first pause is the one inside the sentence; the last one is the final silence
     assert mid.silence_start == pytest.approx(LEAD_IN + len(demo) / 8000, abs=ONSET_TOLERANCE)
     assert last.silence_start == end.end
