@@ -460,6 +460,10 @@ class _ListenSession:
             self._maybe_interim(t1)
             return
         if self.mute_until_silence:
+            # the cut utterance's voice goes on (its words went out with the Finalize): its
+            # words end later, so no UtteranceEnd while it lasts
+            if self.utterance_end_from is not None:
+                self.utterance_end_from = round(t1, 3)
             return
         if self.candidate_start is None:
             self.candidate_start, self.candidate_voiced = t0, 0.0

@@ -340,6 +340,27 @@ async def test_listen_voice_resuming_just_after_a_finalize_continues_the_line(
     assert record.utterances == ["hello there friend", "", "second line"]
 
 
+async def test_listen_no_utterance_end_while_a_finalized_voice_goes_on(
+    deepgram: DeepgramEmulator,
+) -> None:
+    """A Finalize while the caller is talking cuts the utterance; the words that follow
+    (short gaps only) are still words: UtteranceEnd waits for 1 s after the voice ends."""
+    messages: list[Any] = []
+    talking = (tone(0.3) + silence(0.08)) * 5
+    async with dg_client(deepgram).listen.v1.connect(**LISTEN) as conn:
+        reader = asyncio.create_task(read_all(conn, messages))
+        await send_audio(conn, silence(0.2) + tone(0.5))
+        await conn.send_finalize()
+        await send_audio(conn, talking + silence(1.5))
+        await conn.send_close_stream()
+        await asyncio.wait_for(reader, 10)
+
+    voice_end = 0.7 + len(talking) / 8000 - 0.08
+    ends = [m for m in messages if m.type == "UtteranceEnd"]
+    assert len(ends) == 1
+    assert ends[0].last_word_end == pytest.approx(voice_end, abs=0.03)
+
+
 async def test_listen_scripts_keyed_by_tag_for_concurrent_calls() -> None:
     script = {"call-a": ["I am caller A."], "call-b": ["I am caller B."], "*": ["Anyone."]}
     with DeepgramEmulator(listen_script=script) as emu:
