@@ -11,7 +11,7 @@ Must not import FastAPI or vendor SDKs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -31,6 +31,13 @@ _TERMINAL_REASON = {"busy": "busy", "no-answer": "no-answer", "failed": "failed"
 CallHook = Callable[[AsyncSession, Call, str], Awaitable[None]]
 """Called inside the transaction that changes a call (`event` is e.g. "call.started"), so
 webhook outbox rows commit atomically with the change."""
+
+LIVE_EVENTS = ("call.transcript", "tool.called")
+"""Hook events of the writes a live call makes many of (turns, tool calls)."""
+
+LiveEventFilter = Callable[[Agent], Collection[str]]
+"""Which of LIVE_EVENTS the hook acts on for an agent's calls: the others skip the hook,
+and with it the batch's read of their call and agent."""
 
 
 def _rank(status: str) -> int:
@@ -110,9 +117,15 @@ class SqlCallStore:
         *,
         default_model: str = "llama3.2",
         fallback_line: str = "Sorry, could you say that again?",
+        live_events: LiveEventFilter | None = None,
     ):
+        """`live_events`: without it, every turn and tool call runs the hook; with it, a
+        call's filter is read when its configuration loads (an agent's webhook settings
+        changed mid-call apply from its next call)."""
         self.sessionmaker = sessionmaker
         self.hook = hook or _noop_hook
+        self.live_events = live_events
+        self._hooked: dict[str, frozenset[str]] = {}  # by call id, from `live_events`
         self.default_model = default_model
         self.fallback_line = fallback_line
         self._prefetched: dict[str, asyncio.Task[AgentConfig | None]] = {}
@@ -130,7 +143,11 @@ class SqlCallStore:
         # a prefetch nobody claims may have failed: its error is read again by load_config
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._prefetched[call_id] = task
-        loop.call_later(PREFETCH_TTL_S, self._prefetched.pop, call_id, None)
+        loop.call_later(PREFETCH_TTL_S, self._drop_prefetch, call_id)
+
+    def _drop_prefetch(self, call_id: str) -> None:
+        if self._prefetched.pop(call_id, None) is not None:  # never claimed: no stream
+            self._hooked.pop(call_id, None)
 
     async def load_config(self, call_id: str) -> AgentConfig | None:
         prefetched = self._prefetched.pop(call_id, None)
@@ -154,6 +171,8 @@ class SqlCallStore:
             if row is None or row[1] is None:
                 return None
             call, agent = row[0], row[1]
+            if self.live_events is not None:
+                self._hooked[call.id] = frozenset(self.live_events(agent))
             caller = call.from_number if call.direction == "inbound" else call.to_number
             memory = ""
             if caller:
@@ -250,11 +269,12 @@ class SqlCallStore:
 
     async def _write_batch(self, batch: list[_Write]) -> None:
         async with self.sessionmaker() as session, session.begin():
-            ids = {write.call_id for write in batch}
-            calls = {
-                call.id: call
-                for call in await session.scalars(select(Call).where(Call.id.in_(ids)))
-            }
+            hooked = {id(write): self._hook_event(write) for write in batch}
+            ids = {write.call_id for write in batch if hooked[id(write)]}
+            calls: dict[str, Call] = {}
+            if ids:
+                rows = await session.scalars(select(Call).where(Call.id.in_(ids)))
+                calls = {call.id: call for call in rows}
             # Agents into the identity map, held for the batch (the map's references are
             # weak): the hooks' `session.get(Agent, ...)` then runs no query of its own.
             agent_ids = {call.agent_id for call in calls.values() if call.agent_id}
@@ -271,12 +291,25 @@ class SqlCallStore:
                     if fields["seq"] is None:
                         fields["seq"] = await next_turn_seq(session, write.call_id)
                     session.add(TranscriptTurn(call_id=write.call_id, **fields))
-                    if call is not None:
-                        await self.hook(session, call, "call.transcript")
                 else:
                     session.add(CallEvent(call_id=write.call_id, **write.fields))
-                    if call is not None and write.fields["type"] == "tool_called":
-                        await self.hook(session, call, "tool.called")
+                event_name = hooked[id(write)]
+                if call is not None and write.kind not in _CALL_CHANGES and event_name:
+                    await self.hook(session, call, event_name)
+
+    def _hook_event(self, write: _Write) -> str | None:
+        """The hook event `write` raises, or None; call changes raise theirs themselves
+        (they need the call either way)."""
+        if write.kind in _CALL_CHANGES:
+            return write.kind
+        if write.kind == "turn":
+            event_name = "call.transcript"
+        elif write.fields["type"] == "tool_called":
+            event_name = "tool.called"
+        else:
+            return None
+        hooked = self._hooked.get(write.call_id)
+        return event_name if hooked is None or event_name in hooked else None
 
     async def _change_call(self, session: AsyncSession, call: Call, write: _Write) -> None:
         fields = write.fields
@@ -303,7 +336,10 @@ class SqlCallStore:
         """The media stream ended (once per call): record why and emit `call.ended`. Calls
         that never had a stream emit it from the terminal status callback instead."""
         fields = {"ended_reason": ended_reason, "ended_at": ended_at}
-        await self._group_commit(_Write("finish", call_id, fields))
+        try:
+            await self._group_commit(_Write("finish", call_id, fields))
+        finally:
+            self._hooked.pop(call_id, None)
 
 
 # --- caller memory ----------------------------------------------------------------------

@@ -17,8 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from analysis import CallAnalyser
 from call_hooks import TaskSet, after_commit, compose_hooks
 from call_report import load_agent
+from call_store import LIVE_EVENTS
 from config import Settings
-from models import Call
+from models import Agent, Call
 from providers import LLMProvider
 from telephony import TelephonyError, TwilioGateway
 from webhooks import Outbox, WebhookDispatcher
@@ -72,6 +73,13 @@ class PostCall:
         self.hook = compose_hooks(
             self.analyser.on_call_event, self.outbox.on_call_event, self.recording.on_call_event
         )
+
+    def live_events(self, agent: Agent) -> set[str]:
+        """The live-call events (`call_store.LIVE_EVENTS`) these hooks act on for `agent`:
+        only the outbox acts on them, when the agent's webhook asked for them."""
+        if not self.outbox.url_for(agent):
+            return set()
+        return {event for event in LIVE_EVENTS if self.outbox.wants(agent, event)}
 
     async def start(self) -> None:
         await self.dispatcher.start()

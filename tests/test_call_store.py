@@ -103,6 +103,51 @@ async def test_hooks_read_the_batch_agents_without_a_query_per_write(tmp_path):
         await database.aclose()
 
 
+async def test_live_writes_no_hook_wants_read_no_call(tmp_path):
+    """With a live-event filter, a call whose agent wants no `call.transcript` writes its
+    turns without reading its call or agent; another call's turns still reach the hook."""
+    database = await _database(tmp_path)
+    try:
+        quiet, loud = await _calls(database, 2)
+        hooked: list[tuple[str, str]] = []
+
+        async def hook(session, call, name):
+            hooked.append((call.id, name))
+
+        def live_events(agent):
+            return set() if agent.id == quiet_agent else {"call.transcript"}
+
+        async with database.sessionmaker() as session:
+            quiet_agent = (await session.get(Call, quiet)).agent_id
+            other = Agent(name="Wants transcripts")
+            session.add(other)
+            await session.flush()
+            (await session.get(Call, loud)).agent_id = other.id
+            await session.commit()
+        store = SqlCallStore(database.sessionmaker, hook, live_events=live_events)
+        assert (await store.load_config(quiet)) is not None
+        assert (await store.load_config(loud)) is not None
+        reads: list[str] = []
+
+        def count(conn, cursor, statement, *args):
+            if re.search(r"FROM (calls|agents)\b", statement):
+                reads.append(statement)
+
+        event.listen(database.engine.sync_engine, "before_cursor_execute", count)
+        for seq in (1, 2, 3):
+            await store.add_turn(quiet, seq=seq, role="user", text="hi", start_s=0)
+        assert reads == [] and hooked == []
+        await store.add_turn(loud, seq=1, role="user", text="hi", start_s=0)
+        assert hooked == [(loud, "call.transcript")] and len(reads) == 2
+        await store.finish(quiet, ended_reason="customer-ended-call")  # call changes: hooked
+        assert hooked[-1] == (quiet, "call.ended")
+        async with database.sessionmaker() as session:
+            turns = (await session.scalars(select(TranscriptTurn))).all()
+        assert sorted(t.call_id for t in turns) == sorted([quiet] * 3 + [loud])
+    finally:
+        await database.aclose()
+
+
 async def test_a_failing_row_is_retried_alone_and_the_rest_of_its_batch_lands(tmp_path):
     database = await _database(tmp_path)
     try:
