@@ -827,10 +827,11 @@ class CallSession:
         )
         self.history.append({"role": "user", "content": text})
         self._observe("stt_final", timing.ms(timing.final_at))
-        early, self._early = self._early, None
-        if early is None:
+        early = self._early
+        if early is None or early.text != text or early.task.done():  # e.g. a keypad turn
             self._start_speech("answer", lambda speech: self._answer(speech, text, timing))
             return
+        self._early = None
         self.deps.metrics.early_answers.labels("used").inc()
         self._speech, self._producer, self._paused = early.speech, early.task, False
         early.speech.released.set()

@@ -453,6 +453,8 @@ async def test_a_pause_inside_a_sentence_flushes_the_transcript_but_keeps_the_tu
             for r in stack.ollama.requests
         ]
         spoken = stack.deepgram.speak_texts
+        async with stack.api() as http:
+            metrics = (await http.get("/metrics")).text
 
     assert listen.utterances == ["Tell me more please,", "how much is pro?"]
     users = [t["text"] for t in call["turns"] if t["role"] == "user"]
@@ -461,6 +463,9 @@ async def test_a_pause_inside_a_sentence_flushes_the_transcript_but_keeps_the_tu
     early, answer = asked[:2]  # then the post-call analysis
     assert early == ("cancelled", ["Tell me more please,"])
     assert answer == ("completed", ["Tell me more please, how much is pro?"])
+    # ... and the answer that was heard had started before the turn ended, at the last pause
+    assert 'aisdr_early_answers_total{outcome="resumed"} 1.0' in metrics
+    assert 'aisdr_early_answers_total{outcome="used"} 1.0' in metrics
     assert "The pro plan is forty nine dollars." in spoken
     assert [t["text"] for t in _answers(call)][1:] == ["The pro plan is forty nine dollars."]
     # one Finalize per pause: at the mid-sentence pause, and once at the end; none when
