@@ -118,12 +118,13 @@ async def eventually(predicate: Callable[[], Any], within_s: float = 15.0) -> An
 
 class CallDriver:
     """Drives one inbound call the way Twilio and the live pipeline do: the signed voice
-    webhook creates it, then the pipeline's `SqlCallStore` (with the app's hook) records
-    the stream start, turns, tool events and the end."""
+    webhook creates it, then the app's `SqlCallStore` (its hook and live-event filter)
+    loads the call's configuration and records the stream start, turns, tool events and
+    the end."""
 
     def __init__(self, app: Any, client: httpx.AsyncClient) -> None:
         self.app, self.client = app, client
-        self.store = SqlCallStore(app.state.db.sessionmaker, app.state.call_hook)
+        self.store: SqlCallStore = app.state.call_store
         self.call_sid = "CA" + hashlib.sha1(str(time.time_ns()).encode()).hexdigest()[:32]
         self.call_id = ""
 
@@ -138,6 +139,7 @@ class CallDriver:
         return call.id
 
     async def answer(self) -> None:
+        assert await self.store.load_config(self.call_id) is not None
         await self.store.stream_started(
             self.call_id, stream_sid="MZ" + self.call_sid[2:], call_sid=self.call_sid
         )
