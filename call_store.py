@@ -269,8 +269,8 @@ class SqlCallStore:
 
     async def _write_batch(self, batch: list[_Write]) -> None:
         async with self.sessionmaker() as session, session.begin():
-            hooked = {id(write): self._hook_event(write) for write in batch}
-            ids = {write.call_id for write in batch if hooked[id(write)]}
+            hooked = [self._hook_event(write) for write in batch]
+            ids = {write.call_id for write, event in zip(batch, hooked, strict=True) if event}
             calls: dict[str, Call] = {}
             if ids:
                 rows = await session.scalars(select(Call).where(Call.id.in_(ids)))
@@ -281,7 +281,7 @@ class SqlCallStore:
             if agent_ids:
                 query = select(Agent).where(Agent.id.in_(agent_ids))
                 session.info["batch_agents"] = list(await session.scalars(query))
-            for write in batch:
+            for write, event_name in zip(batch, hooked, strict=True):
                 call = calls.get(write.call_id)
                 if write.kind in _CALL_CHANGES:
                     if call is not None:
@@ -293,7 +293,6 @@ class SqlCallStore:
                     session.add(TranscriptTurn(call_id=write.call_id, **fields))
                 else:
                     session.add(CallEvent(call_id=write.call_id, **write.fields))
-                event_name = hooked[id(write)]
                 if call is not None and write.kind not in _CALL_CHANGES and event_name:
                     await self.hook(session, call, event_name)
 

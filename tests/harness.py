@@ -108,6 +108,18 @@ class LiveStack:
             base_url=self.server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
         )
 
+    def llm_requests(self) -> list[tuple[str, list[str]]]:
+        """Each chat request the Ollama emulator got: its outcome and its user messages."""
+        return [
+            (r.status, [m["content"] for m in r.body["messages"] if m["role"] == "user"])
+            for r in self.ollama.requests
+        ]
+
+    async def metrics(self) -> str:
+        """The service's Prometheus text."""
+        async with self.api() as http:
+            return (await http.get("/metrics")).text
+
     async def create_agent(self, **fields: Any) -> dict[str, Any]:
         body = {
             "name": "Live agent",

@@ -448,13 +448,9 @@ async def test_a_pause_inside_a_sentence_flushes_the_transcript_but_keeps_the_tu
         )
         call = await stack.call_detail(call_id)
         (listen,) = stack.deepgram.listen_connections
-        asked = [
-            (r.status, [m["content"] for m in r.body["messages"] if m["role"] == "user"])
-            for r in stack.ollama.requests
-        ]
+        asked = stack.llm_requests()
         spoken = stack.deepgram.speak_texts
-        async with stack.api() as http:
-            metrics = (await http.get("/metrics")).text
+        metrics = await stack.metrics()
 
     assert listen.utterances == ["Tell me more please,", "how much is pro?"]
     users = [t["text"] for t in call["turns"] if t["role"] == "user"]

@@ -614,13 +614,9 @@ async def test_an_early_answer_runs_no_tool_before_the_turn_is_over(tmp_path: Pa
             ],
             max_duration_s=30,
         )
-        requests = [
-            (r.status, [m["content"] for m in r.body["messages"] if m["role"] == "user"])
-            for r in stack.ollama.requests
-        ]
+        requests = stack.llm_requests()
         messages = stack.twilio.messages
-        async with stack.api() as http:
-            metrics = (await http.get("/metrics")).text
+        metrics = await stack.metrics()
 
     assert [m["body"] for m in messages] == ["You asked: Could you text me the link please?"]
     # the early answer got its tool call, and was cancelled unheard and unacted
