@@ -674,7 +674,8 @@ async def test_timings_show_each_request_late_by_at_least_its_configured_delay(
     assert llm["configured_ms"] == 80 and tts["configured_ms"] == 60
     for row in (llm, tts):
         assert started < row["received"] < row["first"] < done
-        assert (row["first"] - row["received"]) * 1000 >= row["configured_ms"]
+        # libuv's timers count whole milliseconds, so a sleep may end up to 1 ms early
+        assert (row["first"] - row["received"]) * 1000 >= row["configured_ms"] - 1
 
     # a second request each; `since` keeps only what was received after it
     await chat_parts(ollama_client(ollama), [USER])
