@@ -269,8 +269,12 @@ class SqlCallStore:
 
     async def _write_batch(self, batch: list[_Write]) -> None:
         async with self.sessionmaker() as session, session.begin():
-            hooked = [self._hook_event(write) for write in batch]
-            ids = {write.call_id for write, event in zip(batch, hooked, strict=True) if event}
+            hooked = [self._live_event(write) for write in batch]
+            ids = {
+                write.call_id
+                for write, event_name in zip(batch, hooked, strict=True)
+                if event_name or write.kind in _CALL_CHANGES
+            }
             calls: dict[str, Call] = {}
             if ids:
                 rows = await session.scalars(select(Call).where(Call.id.in_(ids)))
@@ -293,14 +297,14 @@ class SqlCallStore:
                     session.add(TranscriptTurn(call_id=write.call_id, **fields))
                 else:
                     session.add(CallEvent(call_id=write.call_id, **write.fields))
-                if call is not None and write.kind not in _CALL_CHANGES and event_name:
+                if call is not None and event_name:
                     await self.hook(session, call, event_name)
 
-    def _hook_event(self, write: _Write) -> str | None:
-        """The hook event `write` raises, or None; call changes raise theirs themselves
-        (they need the call either way)."""
+    def _live_event(self, write: _Write) -> str | None:
+        """The live event (`LIVE_EVENTS`) a turn or tool call raises, if the hook acts on it
+        for this call; None otherwise, and for call changes (they raise their own)."""
         if write.kind in _CALL_CHANGES:
-            return write.kind
+            return None
         if write.kind == "turn":
             event_name = "call.transcript"
         elif write.fields["type"] == "tool_called":

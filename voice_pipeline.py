@@ -671,7 +671,6 @@ class CallSession:
         self._last_activity = self.clock()
         self._vad_ended = False
         self._finalizes_pending = 0  # one lost to a reconnect must not hold up later turns
-        self._drop_early("resumed")
         # speech again: an earlier end of speech is no longer the end of this utterance
         self._timing.eos_at = None
         self._utt_end = None
@@ -754,8 +753,6 @@ class CallSession:
 
     def _end_of_turn(self, final_at: float) -> None:
         text = " ".join(self._finals).strip()
-        if self._early is not None and (self._early.text != text or self._early.task.done()):
-            self._drop_early("changed")
         timing = self._timing
         # when the turn was certain: the last final, or the end of speech if that came later
         timing.final_at = max(timing.final_at or final_at, final_at)
@@ -778,7 +775,7 @@ class CallSession:
         if self._ending:
             self._drop_early("ending")
             return
-        self._user_turn(text, self._early.timing if self._early else timing, onset, end)
+        self._user_turn(text, timing, onset, end)
 
     def _start_early_answer(self, final_at: float) -> None:
         """The pause's final is in while the caller may still go on: start answering it now,
@@ -812,7 +809,14 @@ class CallSession:
         self, text: str, timing: TurnTiming, onset: float | None, end: float | None
     ) -> None:
         """The caller's turn is over: record it and answer, with the early answer if it
-        guessed this turn (`self._early`, then released now) or a fresh one."""
+        answers this very text (released now; its timing is the answer's) or a fresh one
+        (which discards any other early answer, e.g. for a keypad turn)."""
+        early = self._early
+        if early is not None and (early.text != text or early.task.done()):
+            self._drop_early("changed")
+            early = None
+        self._early = None
+        timing = early.timing if early is not None else timing
         self._reprompted = False
         self._write(
             "turn",
@@ -827,11 +831,9 @@ class CallSession:
         )
         self.history.append({"role": "user", "content": text})
         self._observe("stt_final", timing.ms(timing.final_at))
-        early = self._early
-        if early is None or early.text != text or early.task.done():  # e.g. a keypad turn
+        if early is None:
             self._start_speech("answer", lambda speech: self._answer(speech, text, timing))
             return
-        self._early = None
         self.deps.metrics.early_answers.labels("used").inc()
         self._speech, self._producer, self._paused = early.speech, early.task, False
         early.speech.released.set()
