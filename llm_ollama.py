@@ -37,6 +37,7 @@ from providers import (
     LLMUnavailable,
     Message,
     ToolCall,
+    provider_http_transport,
 )
 
 log = logging.getLogger("ai_sdr." + __name__)
@@ -60,7 +61,10 @@ class OllamaLLM:
         # streaming uses the tighter first-token and between-chunk timeouts below.
         timeout = httpx.Timeout(read_timeout_s, connect=settings.OLLAMA_CONNECT_TIMEOUT_S)
         self._client = ollama.AsyncClient(
-            host=settings.OLLAMA_HOST, timeout=timeout, limits=PROVIDER_HTTP_LIMITS
+            host=settings.OLLAMA_HOST,
+            timeout=timeout,
+            limits=PROVIDER_HTTP_LIMITS,
+            transport=provider_http_transport(),
         )
         self._first_token_timeout_s = settings.OLLAMA_FIRST_TOKEN_TIMEOUT_S
         self._chunk_timeout_s = chunk_timeout_s

@@ -25,7 +25,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 PROVIDER_HTTP_LIMITS = httpx.Limits(
     max_connections=1024, max_keepalive_connections=512, keepalive_expiry=30.0
@@ -34,6 +36,55 @@ PROVIDER_HTTP_LIMITS = httpx.Limits(
 hold a streaming request to each at once; httpx's default keeps 20 idle connections, so past
 20 concurrent answers most requests would open a new TCP (and, in production, TLS)
 connection, and past 100 they would queue for one."""
+
+
+def provider_http_transport() -> httpx.AsyncBaseTransport:
+    """The transport under the provider SDKs' httpx clients: aiohttp's (C parser, plain
+    asyncio streams) instead of httpcore on anyio. The SDKs and httpx's API stay as they
+    are; a streamed request costs about a third of the CPU (BENCHMARKS.md, fourth round),
+    and the two SDKs stream every answer token and every TTS chunk of a live call.
+    Timeouts map onto aiohttp's (connect, read, pool), and aiohttp's errors onto httpx's."""
+    return _ProviderTransport(limits=PROVIDER_HTTP_LIMITS)
+
+
+class _ProviderTransport(AiohttpTransport):
+    """httpx-aiohttp 0.1.12 maps every aiohttp connection error, a refused connection or a
+    reset mid-body included, to `httpx.ConnectTimeout`. Only aiohttp's timeouts are
+    timeouts here: a refused connection is `ConnectError`, a broken one `ReadError`, as
+    with httpx's own transport (the adapters tell "down" from "slow" by these)."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            response = await super().handle_async_request(request)
+        except httpx.ConnectTimeout as exc:
+            raise _untimed(exc, request) from exc.__cause__
+        response.stream = _ProviderStream(response.stream, request)  # type: ignore[arg-type]
+        return response
+
+
+class _ProviderStream(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, request: httpx.Request) -> None:
+        self._inner, self._request = inner, request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                yield chunk
+        except httpx.ConnectTimeout as exc:
+            raise _untimed(exc, self._request) from exc.__cause__
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _untimed(exc: httpx.ConnectTimeout, request: httpx.Request) -> httpx.TransportError:
+    cause = exc.__cause__
+    if cause is None or isinstance(cause, TimeoutError):  # aiohttp's timeouts subclass it
+        return exc
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(exc), request=request)
+    return httpx.ReadError(str(exc), request=request)
+
 
 Clock = Callable[[], float]
 """Monotonic seconds. Injected so that latency is measured where it happens."""
