@@ -203,9 +203,13 @@ class DeepgramStream:
         return self._conn is not None and len(self._unsent) >= self._policy.batch_bytes
 
     async def send_pending(self) -> None:
-        """Send what `push_audio()` queued, unless a send is already under way (it takes
-        everything queued)."""
-        await self._flush(wait=False)
+        """Send what `push_audio()` queued once a whole batch waits, unless a send is
+        already under way (it takes everything queued). A partial batch waits for more
+        frames, `finalize()`, a KeepAlive tick or close: the pipeline calls this whenever
+        its VAD has windows to score, every 32 ms while the caller speaks, and sending on
+        each of those calls would cut every batch short."""
+        if len(self._unsent) >= self._policy.batch_bytes:
+            await self._flush(wait=False)
 
     async def finalize(self) -> None:
         """Send buffered audio, then Finalize; while disconnected, after the replay."""

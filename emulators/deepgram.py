@@ -130,6 +130,8 @@ class ListenRecord:
     close_reason: str | None = None
     """"client", "close_stream", "idle_timeout", "dropped" or "server_stop"."""
     audio_bytes: int = 0
+    audio_messages: int = 0
+    """Binary (audio) messages received."""
     controls: list[dict[str, Any]] = field(default_factory=list)
     """Control messages received: {"type", "time", "audio_time", "message"}."""
     sent: list[dict[str, Any]] = field(default_factory=list)
@@ -431,6 +433,7 @@ class _ListenSession:
     def _on_audio(self, data: bytes) -> None:
         with self.emu.lock:
             self.record.audio_bytes += len(data)
+            self.record.audio_messages += 1
         self.sha.update(data)
         if self.closing:
             return

@@ -217,6 +217,28 @@ async def test_stt_finalize_flushes_an_open_utterance(tmp_path, deepgram):
     assert record.controls[0]["audio_time"] == pytest.approx(0.8)  # all audio went first
 
 
+async def test_stt_sends_whole_batches_and_finalize_sends_the_rest(tmp_path, deepgram):
+    """The pipeline calls `send_pending()` every time its VAD has work, many times per
+    batch: only a whole batch goes out then; Finalize takes a partial one."""
+    stt = DeepgramSTT(dg_settings(tmp_path, deepgram), policy=StreamPolicy(batch_ms=200))
+    audio = tone(0.26)  # 13 frames: one whole batch of 10, then 3
+    async with stt.open(language="en-US") as stream:
+        await stream.wait_connected()
+        for i in range(0, len(audio), FRAME):
+            stream.push_audio(audio[i : i + FRAME])
+            await stream.send_pending()
+        await asyncio.sleep(0.2)
+        (record,) = deepgram.listen_connections
+        assert (record.audio_messages, record.audio_bytes) == (1, 1600)
+        await stream.finalize()
+        await async_wait_until(lambda: deepgram.listen_connections[0].controls)
+
+    (record,) = deepgram.listen_connections
+    assert (record.audio_messages, record.audio_bytes) == (2, len(audio))
+    assert record.controls[0]["type"] == "Finalize"
+    assert record.controls[0]["audio_time"] == pytest.approx(0.26)
+
+
 async def test_stt_keepalive_only_while_audio_pauses(tmp_path, deepgram):
     deepgram.config.idle_timeout_s = 1.0
     stt = DeepgramSTT(dg_settings(tmp_path, deepgram), policy=StreamPolicy(keepalive_s=0.3))
