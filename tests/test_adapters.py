@@ -13,7 +13,9 @@ import itertools
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -35,6 +37,7 @@ from providers import (
     Transcript,
     TTSError,
     UtteranceEnd,
+    provider_http_transport,
 )
 from stt_deepgram import DeepgramStream, DeepgramSTT, StreamPolicy
 from tests.conftest import make_settings
@@ -383,6 +386,64 @@ async def test_stt_close_while_connecting_leaves_no_task(tmp_path):
     server.close()
     await server.wait_closed()
     assert not stream.connected
+
+
+# --- the provider HTTP transport ------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def raw_http_server(
+    answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+) -> AsyncIterator[str]:
+    """A loopback server whose connections `answer` handles byte by byte; on exit it waits
+    for them to end (each ends by itself, at the latest when the client hangs up)."""
+    handlers: set[asyncio.Task[Any]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await answer(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+        if handlers:
+            await asyncio.wait(handlers, timeout=5)
+
+
+async def test_provider_transport_tells_down_from_slow() -> None:
+    """Refused and cut-off connections are ConnectError / ReadError, as on httpx's own
+    transport, and only a silent server is a timeout: the adapters' retry and fallback
+    decisions read these types."""
+
+    async def cut_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\naudi\r\n")
+        await writer.drain()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read()  # answers nothing until the client gives up and hangs up
+
+    timeout = httpx.Timeout(0.5)
+    async with httpx.AsyncClient(transport=provider_http_transport(), timeout=timeout) as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.get(f"http://127.0.0.1:{closed_port()}/v1/speak")
+        async with raw_http_server(cut_mid_body) as url:
+            received = bytearray()
+            with pytest.raises(httpx.ReadError):
+                async with http.stream("POST", url + "/v1/speak", json={"text": "Hi."}) as response:
+                    async for chunk in response.aiter_bytes():
+                        received += chunk
+            assert bytes(received) == b"audi"
+        async with raw_http_server(silent) as url:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post(url + "/api/chat", json={})
 
 
 # --- text to speech --------------------------------------------------------------------------
