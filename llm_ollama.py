@@ -29,7 +29,6 @@ import ollama
 
 from config import Settings
 from providers import (
-    PROVIDER_HTTP_LIMITS,
     LLMDelta,
     LLMError,
     LLMModelNotFound,
@@ -61,10 +60,7 @@ class OllamaLLM:
         # streaming uses the tighter first-token and between-chunk timeouts below.
         timeout = httpx.Timeout(read_timeout_s, connect=settings.OLLAMA_CONNECT_TIMEOUT_S)
         self._client = ollama.AsyncClient(
-            host=settings.OLLAMA_HOST,
-            timeout=timeout,
-            limits=PROVIDER_HTTP_LIMITS,
-            transport=provider_http_transport(),
+            host=settings.OLLAMA_HOST, timeout=timeout, transport=provider_http_transport()
         )
         self._first_token_timeout_s = settings.OLLAMA_FIRST_TOKEN_TIMEOUT_S
         self._chunk_timeout_s = chunk_timeout_s

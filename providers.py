@@ -32,10 +32,11 @@ from httpx_aiohttp import AiohttpTransport
 PROVIDER_HTTP_LIMITS = httpx.Limits(
     max_connections=1024, max_keepalive_connections=512, keepalive_expiry=30.0
 )
-"""Connection pool of the provider HTTP clients (Ollama, Deepgram speak). Every live call may
-hold a streaming request to each at once; httpx's default keeps 20 idle connections, so past
-20 concurrent answers most requests would open a new TCP (and, in production, TLS)
-connection, and past 100 they would queue for one."""
+"""Connection pool of the provider HTTP clients (Ollama, Deepgram speak), given to their
+transport (`provider_http_transport`; aiohttp keeps up to `max_connections` open, idle ones
+for `keepalive_expiry`). Every live call may hold a streaming request to each at once; a
+pool of 20 idle connections (httpx's default) would open a new TCP (and, in production,
+TLS) connection for most requests past 20 concurrent answers."""
 
 
 def provider_http_transport() -> httpx.AsyncBaseTransport:
