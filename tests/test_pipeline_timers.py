@@ -1,0 +1,33 @@
+"""The pipeline's periodic waits end on grids of the loop's clock, shared by all calls, so
+one wake-up of the loop serves every call's timer (voice_pipeline.WATCHDOG_S,
+PACER_GRID_S)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from voice_pipeline import PACER_GRID_S, WATCHDOG_S, _on_grid
+
+
+@pytest.mark.parametrize("grid", [PACER_GRID_S, WATCHDOG_S])
+@pytest.mark.parametrize("delay", [0.0, 0.0123, 0.05, 0.2999])
+async def test_a_wait_is_lengthened_to_the_next_grid_point(delay: float, grid: float) -> None:
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    waited = _on_grid(delay, grid)
+    assert delay <= waited < delay + grid + 1e-9
+    off_grid = (now + waited) % grid
+    assert min(off_grid, grid - off_grid) < 1e-4  # the clock moved on a few microseconds
+
+
+async def test_two_calls_timers_wake_the_loop_together() -> None:
+    """Two watchdog waits started at different moments end at the same instant."""
+    loop = asyncio.get_running_loop()
+    first = loop.time() + _on_grid(WATCHDOG_S / 2, WATCHDOG_S)
+    await asyncio.sleep(0.013)
+    second = loop.time() + _on_grid(WATCHDOG_S / 2, WATCHDOG_S)
+    assert second - first == pytest.approx(0.0, abs=1e-4) or second - first == pytest.approx(
+        WATCHDOG_S, abs=1e-4
+    )
