@@ -1390,10 +1390,12 @@ class CallSession:
         self._spawn(self._finish_with(SILENCE_GOODBYE, "silence-timeout"))
 
 
-def _on_grid(delay: float, grid: float) -> float:
-    """`delay`, lengthened to end on the next multiple of `grid` of the loop's clock."""
-    end = asyncio.get_running_loop().time() + delay
-    return delay + (-end) % grid
+def _on_grid(delay: float, grid: float, now: float | None = None) -> float:
+    """`delay`, lengthened to end on the next multiple of `grid` of the loop's clock (`now`:
+    its reading, by default read here)."""
+    if now is None:
+        now = asyncio.get_running_loop().time()
+    return delay + (-(now + delay)) % grid
 
 
 def _idempotency_key(config: AgentConfig, call: ToolCall) -> str:
