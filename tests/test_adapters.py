@@ -21,7 +21,7 @@ import pytest
 
 from config import Settings
 from emulators.base import async_wait_until
-from emulators.deepgram import DeepgramEmulator, expected_tts_bytes
+from emulators.deepgram import DeepgramEmulator, ListenRecord, expected_tts_bytes
 from emulators.ollama import OllamaEmulator, Reply
 from llm_ollama import OllamaLLM
 from providers import (
@@ -68,6 +68,16 @@ async def stream_audio(stream: DeepgramStream, audio: bytes, pace_s: float = PAC
     for i in range(0, len(audio), FRAME):
         await stream.send_audio(audio[i : i + FRAME])
         await asyncio.sleep(pace_s)
+
+
+async def closed_listens(deepgram: DeepgramEmulator) -> list[ListenRecord]:
+    """The listen connections once the emulator's server thread has recorded how each one
+    closed: it does so just after the socket closes, so the client can be first."""
+    async with asyncio.timeout(5):
+        await async_wait_until(
+            lambda: all(r.close_reason is not None for r in deepgram.listen_connections)
+        )
+    return deepgram.listen_connections
 
 
 async def collect(
@@ -184,7 +194,7 @@ async def test_stt_speech_gives_onset_interims_final_and_utterance_end(tmp_path,
     received = [e.received_at for e in events]
     assert received == sorted(received) and received[0] >= 1000  # the injected clock
 
-    (record,) = deepgram.listen_connections
+    (record,) = await closed_listens(deepgram)
     assert record.query == {
         "model": "nova-3",
         "encoding": "mulaw",
@@ -215,7 +225,7 @@ async def test_stt_finalize_flushes_an_open_utterance(tmp_path, deepgram):
     final = events[-1]
     assert isinstance(final, Transcript)
     assert (final.text, final.from_finalize) == ("Tuesday works.", True)
-    (record,) = deepgram.listen_connections
+    (record,) = await closed_listens(deepgram)
     assert [c["type"] for c in record.controls] == ["Finalize", "CloseStream"]
     assert record.controls[0]["audio_time"] == pytest.approx(0.8)  # all audio went first
 
@@ -252,7 +262,7 @@ async def test_stt_keepalive_only_while_audio_pauses(tmp_path, deepgram):
         await stream_audio(stream, silence(0.2))
         assert stream.connected
 
-    (record,) = deepgram.listen_connections
+    (record,) = await closed_listens(deepgram)
     keepalives = [c for c in record.controls if c["type"] == "KeepAlive"]
     assert len(keepalives) >= 3
     assert {c["audio_time"] for c in keepalives} == {1.2}  # none while audio flowed
@@ -287,7 +297,7 @@ async def test_stt_reconnects_after_drop_and_replays_the_gap(tmp_path, deepgram)
     assert after.start == pytest.approx(onset, abs=TIME_TOLERANCE)
     assert after.end == pytest.approx(onset + 0.8, abs=TIME_TOLERANCE)
 
-    dropped, resumed = deepgram.listen_connections
+    dropped, resumed = await closed_listens(deepgram)
     assert dropped.close_reason == "dropped"
     assert resumed.close_reason == "close_stream"
     assert deepgram.listen_refused >= 1  # it backed off and retried
@@ -302,7 +312,7 @@ async def test_stt_reconnects_after_a_server_close_frame(tmp_path, deepgram):
     async with stt.open(language="en-US") as stream:
         await async_wait_until(lambda: stream.reconnects == 1)
 
-    assert deepgram.listen_connections[0].close_reason == "idle_timeout"
+    assert (await closed_listens(deepgram))[0].close_reason == "idle_timeout"
 
 
 async def test_stt_bounded_replay_drops_and_counts_old_audio(tmp_path, deepgram):
