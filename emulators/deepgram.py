@@ -364,6 +364,10 @@ class _ListenSession:
                 self._on_audio(message["bytes"])
             elif message.get("text") is not None:
                 self._on_control(message["text"])
+        if self.closing and not sender.done():
+            # The client may hang up the moment it reads Metadata, while the sender is still
+            # closing the socket; wait for it so the record says why the stream ended.
+            await asyncio.wait({sender}, timeout=self.cfg.finalize_delay_ms / 1000 + 1.0)
         if sender.done() and not sender.cancelled() and sender.exception() is None:
             return sender.result() or "client"
         return "client"
