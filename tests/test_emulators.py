@@ -206,11 +206,24 @@ def deepgram() -> Iterator[DeepgramEmulator]:
         yield emu
 
 
+_dg_http: list[httpx.AsyncClient] = []
+
+
 def dg_client(emu: DeepgramEmulator, key: str = DG_KEY) -> AsyncDeepgramClient:
     env = DeepgramClientEnvironment(
         base=emu.url, production=emu.ws_url, agent=emu.ws_url, agent_rest=emu.url
     )
-    return AsyncDeepgramClient(api_key=key, environment=env)
+    http = httpx.AsyncClient(timeout=60)
+    _dg_http.append(http)
+    return AsyncDeepgramClient(api_key=key, environment=env, httpx_client=http)
+
+
+@pytest.fixture(autouse=True)
+async def _close_dg_clients() -> AsyncIterator[None]:
+    """Every Deepgram client a test made is closed in that test's loop."""
+    yield
+    while _dg_http:
+        await _dg_http.pop().aclose()
 
 
 LISTEN = {
