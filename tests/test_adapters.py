@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from deepgram.core.unchecked_base_model import construct_type
+from deepgram.listen.v1.socket_client import V1SocketClientResponse
 
 from config import Settings
 from emulators.base import async_wait_until
@@ -39,7 +42,7 @@ from providers import (
     UtteranceEnd,
     provider_http_transport,
 )
-from stt_deepgram import DeepgramStream, DeepgramSTT, StreamPolicy
+from stt_deepgram import DeepgramStream, DeepgramSTT, StreamPolicy, _messages
 from tests.conftest import make_settings
 from tts_deepgram import DeepgramTTS
 from utils import mulaw_encode
@@ -212,6 +215,45 @@ async def test_stt_speech_gives_onset_interims_final_and_utterance_end(tmp_path,
     assert record.close_reason == "close_stream"
     assert record.audio_bytes == len(silence(0.3) + tone(1.0) + silence(1.5))
     assert stream.reconnects == 0
+
+
+class _Frames:
+    """An async iterable of fixed items: a listen socket's frames, or an SDK connection's
+    parsed models."""
+
+    def __init__(self, items: list[Any], raw: _Frames | None = None) -> None:
+        self._items = items
+        if raw is not None:
+            self._websocket = raw
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        for item in self._items:
+            yield item
+
+
+RESULTS = {
+    "type": "Results",
+    "start": 1.5,
+    "duration": 0.5,
+    "is_final": True,
+    "speech_final": False,
+    "from_finalize": True,
+    "channel": {"alternatives": [{"transcript": "Tuesday works.", "confidence": 0.9}]},
+}
+
+
+async def test_stt_messages_parse_the_raw_socket_and_skip_what_is_not_a_json_object():
+    raw = _Frames([b"\x00binary", "not json", "[1, 2]", json.dumps(RESULTS)])
+    messages = [m async for m in _messages(_Frames(["never read"], raw=raw))]
+    assert messages == [RESULTS]
+
+
+async def test_stt_messages_fall_back_to_the_sdks_models_without_a_raw_socket():
+    model = construct_type(type_=V1SocketClientResponse, object_=RESULTS)
+    (message,) = [m async for m in _messages(_Frames([model]))]
+    alternative = message["channel"]["alternatives"][0]
+    assert (message["type"], message["from_finalize"], message["start"]) == ("Results", True, 1.5)
+    assert alternative["transcript"] == "Tuesday works."
 
 
 async def test_stt_finalize_flushes_an_open_utterance(tmp_path, deepgram):
