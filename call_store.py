@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -84,6 +84,24 @@ PREFETCH_TTL_S = 60.0
 MAX_BATCH = 200
 """Writes per group-commit transaction."""
 _CALL_CHANGES = frozenset({"stream_started", "finish", "fields"})
+
+
+class _Rows:
+    """Turns and events of one write batch, inserted together: one executemany per table
+    instead of the unit of work's statement and bookkeeping per object (the batch's rows
+    are never read back as objects). `flush()` before anything that reads them."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self.pending: dict[type[TranscriptTurn] | type[CallEvent], list[dict[str, Any]]] = {}
+
+    def add(self, model: type[TranscriptTurn] | type[CallEvent], fields: dict[str, Any]) -> None:
+        self.pending.setdefault(model, []).append(fields)
+
+    async def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for model, rows in pending.items():
+            await self.session.execute(insert(model), rows)
 
 
 @dataclass(slots=True)
@@ -285,20 +303,25 @@ class SqlCallStore:
             if agent_ids:
                 query = select(Agent).where(Agent.id.in_(agent_ids))
                 session.info["batch_agents"] = list(await session.scalars(query))
+            inserts = _Rows(session)
             for write, event_name in zip(batch, hooked, strict=True):
                 call = calls.get(write.call_id)
                 if write.kind in _CALL_CHANGES:
                     if call is not None:
+                        await inserts.flush()  # its hook reads the call's turns and events
                         await self._change_call(session, call, write)
                 elif write.kind == "turn":
-                    fields = dict(write.fields)
+                    fields = {"call_id": write.call_id, **write.fields}
                     if fields["seq"] is None:
+                        await inserts.flush()
                         fields["seq"] = await next_turn_seq(session, write.call_id)
-                    session.add(TranscriptTurn(call_id=write.call_id, **fields))
+                    inserts.add(TranscriptTurn, fields)
                 else:
-                    session.add(CallEvent(call_id=write.call_id, **write.fields))
+                    inserts.add(CallEvent, {"call_id": write.call_id, **write.fields})
                 if call is not None and event_name:
+                    await inserts.flush()  # the live event carries this very row
                     await self.hook(session, call, event_name)
+            await inserts.flush()
 
     def _live_event(self, write: _Write) -> str | None:
         """The live event (`LIVE_EVENTS`) a turn or tool call raises, if the hook acts on it
