@@ -87,9 +87,9 @@ _CALL_CHANGES = frozenset({"stream_started", "finish", "fields"})
 
 
 class _Rows:
-    """Turns and events of one write batch, inserted together: one executemany per table
-    instead of the unit of work's statement and bookkeeping per object (the batch's rows
-    are never read back as objects). `flush()` before anything that reads them."""
+    """Turns and events of one write batch, inserted together: one Core executemany per
+    table instead of the unit of work's statement and bookkeeping per object (the batch's
+    rows are never read back as objects). `flush()` before anything that reads them."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -100,8 +100,11 @@ class _Rows:
 
     async def flush(self) -> None:
         pending, self.pending = self.pending, {}
+        if not pending:
+            return
+        connection = await self.session.connection()  # Core: no ORM bulk layer either
         for model, rows in pending.items():
-            await self.session.execute(insert(model), rows)
+            await connection.execute(insert(model), rows)
 
 
 @dataclass(slots=True)
