@@ -474,15 +474,15 @@ class VADStream:
         return events
 
     def _append(self, frame: bytes) -> None:
-        samples = mulaw_to_float(frame)
+        n = len(frame)  # mu-law: one byte per sample
         start = CONTEXT_SAMPLES + self._filled
-        if start + len(samples) > len(self._buffer):
-            grown = np.zeros(start + len(samples) + WINDOW_SAMPLES, dtype=np.float32)
+        if start + n > len(self._buffer):
+            grown = np.zeros(start + n + WINDOW_SAMPLES, dtype=np.float32)
             grown[:start] = self._buffer[:start]
             self._buffer = grown
-        self._buffer[start : start + len(samples)] = samples
-        self._filled += len(samples)
-        self._samples += len(samples)
+        mulaw_to_float(frame, out=self._buffer[start : start + n])
+        self._filled += n
+        self._samples += n
 
     def _shift_window(self) -> None:
         """Keep the window's last 32 samples as the next context, then the leftover."""

@@ -65,6 +65,14 @@ def test_decode_output_is_int16_and_float_is_scaled():
     np.testing.assert_array_equal(floats * 32768, mulaw_decode(ALL_CODES).astype(np.float32))
 
 
+def test_float_decode_into_a_buffer_slice_leaves_the_rest_alone():
+    buffer = np.full(len(ALL_CODES) + 4, 7.0, dtype=np.float32)
+    returned = mulaw_to_float(ALL_CODES, out=buffer[2:-2])
+    np.testing.assert_array_equal(buffer[2:-2], mulaw_to_float(ALL_CODES))
+    assert buffer[:2].tolist() == buffer[-2:].tolist() == [7.0, 7.0]
+    assert np.shares_memory(returned, buffer)
+
+
 def test_every_code_survives_decode_then_encode():
     """Except negative zero (0x7F), which encodes back as positive zero."""
     round_trip = np.frombuffer(mulaw_encode(mulaw_decode(ALL_CODES)), dtype=np.uint8)
