@@ -11,7 +11,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import httpx
@@ -106,9 +106,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # 100-400 ms (measured by the benchmark).
         gc.collect()
         gc.freeze()
+        lag_watch = asyncio.create_task(app.state.metrics.watch_loop_lag(), name="loop-lag")
         try:
             yield
         finally:
+            lag_watch.cancel()
+            with suppress(asyncio.CancelledError):
+                await lag_watch
             await post_call.aclose()
             await tools_http.aclose()
             await asyncio.to_thread(knowledge.close)

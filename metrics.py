@@ -6,9 +6,14 @@ Must not import FastAPI, SQLAlchemy or vendor SDKs.
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.4, 0.6, 0.8, 1, 1.5, 2, 3, 5, 10)
+_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+LOOP_LAG_SAMPLE_S = 0.25
+"""How often the event loop's lag is sampled: four timers a second, nothing next to calls."""
 
 
 class PipelineMetrics:
@@ -56,6 +61,22 @@ class PipelineMetrics:
         self.malformed_messages = Counter(
             "aisdr_malformed_messages", "Media stream messages that could not be used", registry=r
         )
+
+        self.loop_lag = Histogram(
+            "aisdr_event_loop_lag_seconds",
+            "How late the event loop ran a timer, sampled every 0.25 s: what every live call's"
+            " next step waits when the process is busy (timer resolution 1 ms)",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+
+    async def watch_loop_lag(self, interval_s: float = LOOP_LAG_SAMPLE_S) -> None:
+        """Until cancelled: sleep `interval_s`, record how much later than that it woke."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + interval_s
+            await asyncio.sleep(interval_s)
+            self.loop_lag.observe(max(0.0, loop.time() - due))
 
     def observe_turn(self, stage: str, seconds: float | None) -> None:
         if seconds is not None:

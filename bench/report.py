@@ -338,3 +338,36 @@ def resource_figures(
         "peak_rss_mb": round(peak_rss / 2**20, 1),
         "rss_per_call_mb": round((peak_rss - idle_rss) / 2**20 / max(calls, 1), 3),
     }
+
+
+LOOP_LAG = "aisdr_event_loop_lag_seconds"
+
+
+def loop_lag_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The service's event-loop lag over the load, from its histogram's buckets on /metrics
+    (a sample every 0.25 s): the sample count, the bucket bound under which 50/95/99% of the
+    samples fall (an upper bound, in ms), the share of samples over 10 ms, and the mean."""
+    prefix = LOOP_LAG + '_bucket{le="'
+    bounds = sorted(
+        (float(key[len(prefix) : -2]), after[key] - before.get(key, 0.0))
+        for key in after
+        if key.startswith(prefix)
+    )
+    n = after.get(LOOP_LAG + "_count", 0.0) - before.get(LOOP_LAG + "_count", 0.0)
+    total = after.get(LOOP_LAG + "_sum", 0.0) - before.get(LOOP_LAG + "_sum", 0.0)
+    if not n or not bounds:
+        return {"n": int(n)}
+
+    def bound_ms(q: float) -> float | None:
+        bound = next((b for b, count in bounds if count >= q * n), None)
+        return None if bound is None or bound == float("inf") else round(bound * 1000, 1)
+
+    within_10ms = next((count for b, count in bounds if b >= 0.01), n)
+    return {
+        "n": int(n),
+        "p50_le_ms": bound_ms(0.50),
+        "p95_le_ms": bound_ms(0.95),
+        "p99_le_ms": bound_ms(0.99),
+        "over_10ms_pct": round(100 * (n - within_10ms) / n, 1),
+        "mean_ms": round(1000 * total / n, 2),
+    }

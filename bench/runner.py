@@ -149,6 +149,7 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
     result["inbound_frames_dropped"] = after.metrics.get(DROPPED, 0) - before.metrics.get(
         DROPPED, 0
     )
+    result["loop_lag"] = report.loop_lag_figures(before.metrics, after.metrics)
     result["run"] = {**asdict(config), "providers": asdict(providers), "cores": os.cpu_count()}
     result["targets"] = evaluate(result, providers, script)
     return result

@@ -143,6 +143,14 @@ def table(report: dict[str, Any]) -> str:
             "pipeline overhead p95 net of emulator lateness p95 (LLM + TTS), approximate "
             f"(p95s do not subtract exactly): {_cell(net)} ms"
         )
+    lag = report.get("loop_lag") or {}
+    if lag.get("n"):
+        lines.append(
+            f"service event-loop lag (a timer every 0.25 s, n={lag['n']}; bucket bounds): "
+            f"p50 <= {_cell(lag['p50_le_ms'])} ms, p95 <= {_cell(lag['p95_le_ms'])} ms, "
+            f"p99 <= {_cell(lag['p99_le_ms'])} ms, over 10 ms {_cell(lag['over_10ms_pct'])}%, "
+            f"mean {_cell(lag['mean_ms'])} ms"
+        )
     caller = report["caller"]
     lines.append(
         f"counters: inbound_frames_dropped={_cell(report['inbound_frames_dropped'])}, "

@@ -37,6 +37,7 @@ def test_bench_runs_two_short_calls_and_writes_the_report(tmp_path: Path) -> Non
         "run",
         "emulator_floor",
         "emulator_lateness",
+        "loop_lag",
     }
     assert report["calls"]["placed"] == 2
     assert report["calls"]["completed"] == 2, report["calls"]
@@ -50,6 +51,8 @@ def test_bench_runs_two_short_calls_and_writes_the_report(tmp_path: Path) -> Non
     assert report["caller"]["greeting_ms"]["n"] == 2
     assert report["resources"]["cpu_s_per_call_minute"] > 0
     assert {t["target"] for t in report["targets"]} >= {"inbound frames dropped"}
+    assert report["loop_lag"]["n"] >= 4  # the service sampled its loop through the calls
+    assert "service event-loop lag" in done.stdout
 
 
 def test_pacing_orders_media_and_clears_by_message_order_not_by_equal_times() -> None:
@@ -69,3 +72,26 @@ def test_pacing_orders_media_and_clears_by_message_order_not_by_equal_times() ->
 
     assert pacing(caller(clear_first=False))["stray"] == [0]
     assert pacing(caller(clear_first=True))["stray"] == [5]  # five stale frames heard
+
+
+def test_loop_lag_figures_read_bucket_bounds_over_the_load_only() -> None:
+    from bench import report
+
+    def histogram(counts: dict[str, float], total_s: float) -> dict[str, float]:
+        lag = "aisdr_event_loop_lag_seconds"
+        out = {f'{lag}_bucket{{le="{le}"}}': float(n) for le, n in counts.items()}
+        return {**out, f"{lag}_count": counts["+Inf"], f"{lag}_sum": total_s}
+
+    before = histogram({"0.001": 10, "0.01": 10, "0.05": 10, "+Inf": 10}, 0.005)
+    # over the load: 100 samples, 90 within 1 ms, 6 within 10 ms, 3 within 50 ms, 1 beyond
+    after = histogram({"0.001": 100, "0.01": 106, "0.05": 109, "+Inf": 110}, 0.505)
+    figures = report.loop_lag_figures(before, after)
+    assert figures == {
+        "n": 100,
+        "p50_le_ms": 1.0,
+        "p95_le_ms": 10.0,
+        "p99_le_ms": 50.0,
+        "over_10ms_pct": 4.0,
+        "mean_ms": 5.0,
+    }
+    assert report.loop_lag_figures(before, before) == {"n": 0}
