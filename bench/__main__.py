@@ -83,7 +83,11 @@ def measure(stack: BenchStack, config: RunConfig, providers: Providers, args) ->
                 str(stack.server.pid),
                 "-o",
                 str(args.py_spy),
-                "--nonblocking",
+                # Blocking: each sample pauses the service for a moment, so its figures from
+                # a profiled run read a little high. --nonblocking reads the stacks while they
+                # change and gave mixed-up stacks (frames of one task under another's).
+                "--rate",
+                "50",
                 "--gil",  # only the thread holding the GIL: what uses the interpreter
                 *(["--format", "raw"] if args.py_spy.suffix == ".txt" else []),
             ],
