@@ -139,10 +139,12 @@ class SqlCallStore:
         default_model: str = "llama3.2",
         fallback_line: str = "Sorry, could you say that again?",
         live_events: LiveEventFilter | None = None,
+        commit_window_s: float = 0.0,
     ):
         """`live_events`: without it, every turn and tool call runs the hook; with it, a
         call's filter is read when its configuration loads (an agent's webhook settings
-        changed mid-call apply from its next call)."""
+        changed mid-call apply from its next call). `commit_window_s`: how long a batch's
+        first write waits for more before its transaction starts (see `_drain`)."""
         self.sessionmaker = sessionmaker
         self.hook = hook or _noop_hook
         self.live_events = live_events
@@ -152,6 +154,7 @@ class SqlCallStore:
         self._prefetched: dict[str, asyncio.Task[AgentConfig | None]] = {}
         self._queue: list[_Write] = []
         self._drainer: asyncio.Task[None] | None = None
+        self.commit_window_s = commit_window_s
 
     def prefetch_config(self, call_id: str) -> None:
         """Start loading a call's configuration now (the voice webhook has just answered), so
@@ -262,7 +265,14 @@ class SqlCallStore:
         await asyncio.shield(write.done)
 
     async def _drain(self) -> None:
+        """Write the queue, a batch per transaction. With a commit window each batch first
+        waits that long: live calls write a few rows a minute each, so without it nearly
+        every write is a transaction of its own, and on SQLite through aiosqlite a
+        transaction costs about 1.2 ms of CPU however few its rows (a batch of 4 turns:
+        1.3 ms against 2.8 ms as 4 unit-of-work flushes). Nobody on the audio path waits."""
         while self._queue:
+            if self.commit_window_s > 0:
+                await asyncio.sleep(self.commit_window_s)
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             try:
                 await self._write_batch(batch)

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     LOG_LEVEL: str = "INFO"
     DATA_DIR: Path = Path("./data")
     DATABASE_URL: str = "sqlite+aiosqlite:///./data/ai_sdr.db"
+    DB_COMMIT_WINDOW_MS: int = Field(default=100, ge=0, le=2000)
     PUBLIC_BASE_URL: str = "http://localhost:8000"
     API_KEYS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["dev-key"])
     MAX_REQUEST_BYTES: int = 30 * 1024 * 1024

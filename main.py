@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             default_model=settings.OLLAMA_MODEL,
             fallback_line=settings.LLM_FALLBACK_LINE,
             live_events=post_call.live_events,
+            commit_window_s=settings.DB_COMMIT_WINDOW_MS / 1000,
         )
         await asyncio.to_thread(SileroModel.load)  # load once, off the loop, before calls
         app.state.knowledge = knowledge = await start_knowledge(settings)  # same for MiniLM

@@ -85,6 +85,9 @@ RESUME_BACKUP_S = 0.3
 """On resuming after a false barge-in, repeat this much: a little repetition after a pause
 sounds natural; a skipped syllable does not."""
 MAX_PLAYOUT_LAG_S = 1.0
+MARK_GRACE_S = 1.0
+"""How long after the end of the audio sent a speech counts as heard if its marks never
+come back (Twilio returns each one as its audio plays; this only covers marks lost)."""
 MAX_UNSENT_BYTES = 20 * SAMPLE_RATE
 """Synthesised audio waiting to be paced out; TTS waits beyond this (backpressure)."""
 MAX_VAD_BACKLOG_S = 1.0
@@ -552,22 +555,43 @@ class CallSession:
         self._writes.put_nowait((kind, payload))
 
     async def _writer_loop(self) -> None:
+        """Hand the store everything queued at once, in order, and wait for all of it: a
+        burst (a turn and its events) then shares one group commit instead of one each."""
+        ended = False
+        while not ended:
+            queued = [await self._writes.get()]
+            while not self._writes.empty():
+                queued.append(self._writes.get_nowait())
+            if None in queued:
+                ended, queued = True, queued[: queued.index(None)]
+            items = [item for item in queued if item is not None]
+            # tasks start in creation order, and each queues its write in its first step
+            results = await asyncio.gather(*(self._persist(*item) for item in items))
+            for (kind, _), failed in zip(items, results, strict=True):
+                if failed is not None:
+                    log.error(
+                        "call %s: could not persist %s",
+                        self.config.call_id,
+                        kind,
+                        exc_info=failed,
+                    )
+
+    async def _persist(self, kind: str, payload: Any) -> BaseException | None:
         store, call_id = self.deps.store, self.config.call_id
-        while (item := await self._writes.get()) is not None:
-            kind, payload = item
-            try:
-                if kind == "turn":
-                    await store.add_turn(call_id, **payload)
-                elif kind == "event":
-                    await store.add_event(call_id, payload[0], payload[1], payload[2])
-                elif kind == "stream_started":
-                    await store.stream_started(call_id, **payload)
-                elif kind == "fields":
-                    await store.set_fields(call_id, **payload)
-                elif kind == "finish":
-                    await store.finish(call_id, **payload)
-            except Exception:
-                log.exception("call %s: could not persist %s", call_id, kind)
+        try:
+            if kind == "turn":
+                await store.add_turn(call_id, **payload)
+            elif kind == "event":
+                await store.add_event(call_id, payload[0], payload[1], payload[2])
+            elif kind == "stream_started":
+                await store.stream_started(call_id, **payload)
+            elif kind == "fields":
+                await store.set_fields(call_id, **payload)
+            elif kind == "finish":
+                await store.finish(call_id, **payload)
+        except Exception as exc:
+            return exc
+        return None
 
     def _next_seq(self) -> int:
         self._turn_seq += 1
@@ -1030,16 +1054,20 @@ class CallSession:
             return False
 
     async def _wait_played(self, speech: Speech) -> None:
-        """Until the caller has heard all of it (marks), with a clock-based safety net."""
+        """Until the caller has heard all of it (marks), with a clock-based safety net for
+        marks that never come back: a second after the last audio sent should have played.
+        The net is re-armed while audio is still unsent (the pacer sends only `LEAD_S`
+        ahead), so it never fires before the end of what the caller has to hear."""
         while not speech.cancelled:
             if all(c.acked for c in speech.chunks) and speech.sent >= len(speech.audio):
                 return
-            deadline = max(self._play_end - self.clock(), 0) + 1.0
+            deadline = max(self._play_end - self.clock(), 0) + MARK_GRACE_S
             waiter = asyncio.ensure_future(speech.played.wait())
             try:
                 await asyncio.wait_for(waiter, timeout=deadline)
             except TimeoutError:
-                if not self._paused and speech.sent >= len(speech.audio):
+                all_sent = speech.sent >= len(speech.audio)
+                if not self._paused and all_sent and self.clock() >= self._play_end:
                     return
             if speech.played.is_set():
                 return

@@ -235,8 +235,12 @@ class TwilioCaller:
         talkspurt_gap_s: float = 0.1,
         keep_audio: bool = False,
         connect_timeout_s: float = 10.0,
+        return_marks: bool = True,
     ) -> None:
+        """`return_marks=False`: a peer that never sends marks back (Twilio returns each as
+        its audio plays; a media proxy may drop them), so the service must go by its clock."""
         self.ws_url = ws_url
+        self.return_marks = return_marks
         self.timeline = list(timeline)
         self.auth_token = auth_token
         self.signed_url = signed_url or ws_url
@@ -540,6 +544,8 @@ class TwilioCaller:
     async def _on_mark(self, ws: ClientConnection, now: float, name: str) -> None:
         mark = MarkEvent(name, now)
         self.result.marks.append(mark)
+        if not self.return_marks:
+            return
         if self._play_end <= now:
             await self._send_mark(ws, mark, now)
         else:

@@ -72,6 +72,31 @@ async def test_concurrent_calls_share_transactions_and_keep_their_order(tmp_path
         await database.aclose()
 
 
+async def test_a_commit_window_gathers_writes_that_arrive_within_it(tmp_path):
+    database = await _database(tmp_path)
+    try:
+        call_ids = await _calls(database, 10)
+        commits = _count_commits(database)
+
+        async def staggered(store: SqlCallStore, seq: int) -> None:  # 10 ms apart
+            async def one(i: int, call_id: str) -> None:
+                await asyncio.sleep(0.01 * i)
+                await store.add_turn(call_id, seq=seq, role="user", text="hi", start_s=0)
+
+            await asyncio.gather(*(one(i, call_id) for i, call_id in enumerate(call_ids)))
+
+        await staggered(SqlCallStore(database.sessionmaker, commit_window_s=0.5), seq=1)
+        windowed, commits[:] = len(commits), []
+        await staggered(SqlCallStore(database.sessionmaker), seq=2)
+        async with database.sessionmaker() as session:
+            stored = (await session.scalars(select(TranscriptTurn.seq))).all()
+        assert sorted(stored) == [1] * 10 + [2] * 10
+        assert windowed == 1  # all ten inside the half second: one transaction
+        assert len(commits) > 1  # without the window, writes 10 ms apart do not meet
+    finally:
+        await database.aclose()
+
+
 async def test_hooks_read_the_batch_agents_without_a_query_per_write(tmp_path):
     database = await _database(tmp_path)
     try:

@@ -347,6 +347,28 @@ async def test_silence_reprompts_once_then_says_goodbye_and_hangs_up(tmp_path):
     assert result.bytes_discarded == 0
 
 
+async def test_lost_marks_still_let_the_goodbye_play_to_the_end(tmp_path):
+    """A peer that never returns marks: the pipeline goes by its clock, and hangs up once
+    the goodbye has played, not once its last byte was sent (the pacer sends 0.3 s ahead,
+    and the goodbye is still being paced out when its synthesis ends)."""
+    from voice_pipeline import SILENCE_GOODBYE
+
+    with LiveStack(tmp_path) as stack:
+        await stack.create_agent(silence_timeout_seconds=2)
+        call_id, result = await stack.inbound_call(
+            [Hangup(40.0)], max_duration_s=45, return_marks=False
+        )
+        call = await stack.call_detail(call_id)
+        spoken = stack.deepgram.speak_texts
+
+    assert result.ended_by == "server"
+    assert call["ended_reason"] == "silence-timeout"
+    assert spoken[-1] == SILENCE_GOODBYE and result.marks  # marks went out, none came back
+    goodbye = result.talkspurts[-1]
+    assert result.bytes_discarded == 0
+    assert result.duration >= goodbye.end - 0.05, (result.duration, goodbye.end)
+
+
 async def test_max_call_seconds_ends_the_call_politely(tmp_path):
     from voice_pipeline import MAX_DURATION_GOODBYE
 
