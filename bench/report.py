@@ -290,11 +290,17 @@ def call_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str, A
     for o in outcomes:
         ended[o.caller.ended_by or "none"] = ended.get(o.caller.ended_by or "none", 0) + 1
     errors = [o.error or "; ".join(o.caller.errors) for o in outcomes if o.error or o.caller.errors]
+    incomplete = [
+        {"call_id": o.call_id, "why": why}
+        for o in outcomes
+        if (why := _incomplete(o, script)) is not None
+    ]
     return {
         "placed": len(outcomes),
         "completed": completed,
         "ended_by": ended,
         "errors": errors[:10],
+        "incomplete": incomplete[:10],
         "peak_concurrent": peak_concurrency(o.caller for o in outcomes),
         "call_seconds": round(sum(o.caller.duration for o in outcomes), 1),
     }
@@ -302,13 +308,29 @@ def call_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str, A
 
 def _completed(outcome: CallOutcome, script: CallScript) -> bool:
     """The caller hung up after hearing an answer to each of its turns."""
+    return _incomplete(outcome, script) is None
+
+
+def _incomplete(outcome: CallOutcome, script: CallScript) -> str | None:
+    """Why a call does not count as completed, or None if it does."""
     r = outcome.caller
-    return (
-        not outcome.error
-        and r.ended_by == "hangup"
-        and len(answers(outcome, script)) == len(script.replies)
-        and outcome.detail.get("ended_reason") == "customer-ended-call"
-    )
+    if outcome.error:
+        return f"error: {outcome.error}"
+    if r.ended_by != "hangup":
+        return f"ended by {r.ended_by or 'nobody'}, not the caller's hang-up"
+    timed = len(answers(outcome, script))
+    if timed != len(script.replies):
+        assistant = [t for t in outcome.detail.get("turns", []) if t["role"] == "assistant"]
+        shape = [
+            ("timed" if t.get("stt_final_ms") is not None else "untimed")
+            + (", interrupted" if t.get("interrupted") else "")
+            for t in assistant
+        ]
+        return f"{timed} timed answers of {len(script.replies)}; assistant turns: {shape}"
+    reason = outcome.detail.get("ended_reason")
+    if reason != "customer-ended-call":
+        return f"ended_reason {reason!r}"
+    return None
 
 
 def peak_concurrency(results: Iterable[CallerResult]) -> int:

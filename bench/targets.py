@@ -127,6 +127,8 @@ def table(report: dict[str, Any]) -> str:
     for section in ("calls", "backchannel", "resources"):
         flat = {k: v for k, v in report[section].items() if not isinstance(v, dict | list)}
         lines.append(f"{section}: " + ", ".join(f"{k}={_cell(v)}" for k, v in flat.items()))
+    for call in report["calls"].get("incomplete", []):
+        lines.append(f"incomplete call {call['call_id']}: {call['why']}")
     floor = report.get("emulator_floor") or {}
     lines.append(
         "emulator floor (direct, idle; counted in the overhead above): "
