@@ -404,6 +404,14 @@ class VADStream:
         return self._speaking and self._paused_at is not None
 
     @property
+    def pause_start(self) -> float | None:
+        """While `is_pausing`: the audio time (s) at which the pause's silence began, the
+        `silence_start` of its VADPause (which a caller may not have processed yet)."""
+        if not self.is_pausing or self._paused_at is None:
+            return None
+        return self._seconds(self._paused_at)
+
+    @property
     def speech_duration(self) -> float:
         """Seconds of audio since the confirmed onset (trailing silence included); 0 when
         not speaking."""

@@ -822,7 +822,12 @@ class CallSession:
             if self._early.text == text:
                 return
             self._drop_early("changed")
-        timing = TurnTiming(eos_at=self._timing.eos_at, final_at=final_at)
+        eos_at = self._timing.eos_at
+        if eos_at is None and (pause_start := self._vad.pause_start) is not None:
+            # the VAD is pausing but its VADPause is still in the inbound loop's hands (the
+            # final of an earlier Finalize came in meanwhile): time the answer from the pause
+            eos_at = self._audio_to_clock(pause_start)
+        timing = TurnTiming(eos_at=eos_at, final_at=final_at)
         history = [*self.history, {"role": "user", "content": text}]
         speech, task = self._new_producer(
             "answer", lambda speech: self._answer(speech, text, timing, history)

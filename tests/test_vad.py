@@ -367,3 +367,22 @@ async def test_a_pause_is_reported_once_per_silence_and_speech_may_resume(batche
     # without pause_ms: the same speech, no pauses
     plain = await run(VADStream(batcher, min_silence_ms=300), audio)
     assert kinds(plain) == ["VADSpeechStart", "VADSpeechEnd"]
+
+
+async def test_pause_start_tracks_the_pause_until_speech_resumes_or_ends(batcher, demo):
+    price = synth_speech("How much does the pro plan cost?")
+    audio = silence(LEAD_IN) + demo + silence(0.34) + price + silence(1.0)
+    stream = VADStream(batcher, min_silence_ms=300, pause_ms=160)
+    seen: list[tuple[str, float | None]] = []
+    for frame in frames(audio):
+        for event in await stream.process(frame):
+            seen.append((type(event).__name__, stream.pause_start))
+            if isinstance(event, VADPause):
+                assert stream.pause_start == event.silence_start
+    assert [(kind, start is None) for kind, start in seen] == [
+        ("VADSpeechStart", True),
+        ("VADPause", False),
+        ("VADResume", True),
+        ("VADPause", False),
+        ("VADSpeechEnd", True),
+    ]
