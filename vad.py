@@ -407,7 +407,7 @@ class VADStream:
     def pause_start(self) -> float | None:
         """While `is_pausing`: the audio time (s) at which the pause's silence began, the
         `silence_start` of its VADPause (which a caller may not have processed yet)."""
-        if not self.is_pausing or self._paused_at is None:
+        if not self._speaking or self._paused_at is None:
             return None
         return self._seconds(self._paused_at)
 

@@ -562,36 +562,33 @@ class CallSession:
             queued = [await self._writes.get()]
             while not self._writes.empty():
                 queued.append(self._writes.get_nowait())
-            if None in queued:
-                ended, queued = True, queued[: queued.index(None)]
+            ended = None in queued  # the last item: nothing is queued after it
             items = [item for item in queued if item is not None]
             # tasks start in creation order, and each queues its write in its first step
-            results = await asyncio.gather(*(self._persist(*item) for item in items))
-            for (kind, _), failed in zip(items, results, strict=True):
-                if failed is not None:
+            results = await asyncio.gather(
+                *(self._persist(*item) for item in items), return_exceptions=True
+            )
+            for (kind, _), result in zip(items, results, strict=True):
+                if isinstance(result, BaseException):
                     log.error(
                         "call %s: could not persist %s",
                         self.config.call_id,
                         kind,
-                        exc_info=failed,
+                        exc_info=result,
                     )
 
-    async def _persist(self, kind: str, payload: Any) -> BaseException | None:
+    async def _persist(self, kind: str, payload: Any) -> None:
         store, call_id = self.deps.store, self.config.call_id
-        try:
-            if kind == "turn":
-                await store.add_turn(call_id, **payload)
-            elif kind == "event":
-                await store.add_event(call_id, payload[0], payload[1], payload[2])
-            elif kind == "stream_started":
-                await store.stream_started(call_id, **payload)
-            elif kind == "fields":
-                await store.set_fields(call_id, **payload)
-            elif kind == "finish":
-                await store.finish(call_id, **payload)
-        except Exception as exc:
-            return exc
-        return None
+        if kind == "turn":
+            await store.add_turn(call_id, **payload)
+        elif kind == "event":
+            await store.add_event(call_id, payload[0], payload[1], payload[2])
+        elif kind == "stream_started":
+            await store.stream_started(call_id, **payload)
+        elif kind == "fields":
+            await store.set_fields(call_id, **payload)
+        elif kind == "finish":
+            await store.finish(call_id, **payload)
 
     def _next_seq(self) -> int:
         self._turn_seq += 1
@@ -822,11 +819,10 @@ class CallSession:
             if self._early.text == text:
                 return
             self._drop_early("changed")
-        eos_at = self._timing.eos_at
-        if eos_at is None and (pause_start := self._vad.pause_start) is not None:
-            # the VAD is pausing but its VADPause is still in the inbound loop's hands (the
-            # final of an earlier Finalize came in meanwhile): time the answer from the pause
-            eos_at = self._audio_to_clock(pause_start)
+        # Timed from the pause the VAD is in (its caller checked `is_pausing`), not from
+        # `_timing`: that pause's VADPause may still be queued in the inbound loop.
+        pause_start = self._vad.pause_start
+        eos_at = self._timing.eos_at if pause_start is None else self._audio_to_clock(pause_start)
         timing = TurnTiming(eos_at=eos_at, final_at=final_at)
         history = [*self.history, {"role": "user", "content": text}]
         speech, task = self._new_producer(
