@@ -20,7 +20,9 @@ from models import Agent, Call, CallEvent, ToolInvocation, TranscriptTurn
 
 LATENCY_STAGES = (
     "stt_final_ms",
+    "llm_request_ms",
     "llm_first_token_ms",
+    "tts_request_ms",
     "tts_first_audio_ms",
     "first_media_ms",
     "retrieval_ms",

@@ -147,7 +147,9 @@ class TranscriptTurn(Base):
     interrupted: Mapped[bool] = mapped_column(Boolean, default=False)
     # latency from the caller's end of speech, in milliseconds
     stt_final_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    llm_request_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     llm_first_token_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tts_request_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     tts_first_audio_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     first_media_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     retrieval_ms: Mapped[float | None] = mapped_column(Float, nullable=True)

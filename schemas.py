@@ -251,7 +251,9 @@ class TurnRead(BaseModel):
     end_s: float
     interrupted: bool
     stt_final_ms: float | None
+    llm_request_ms: float | None = None
     llm_first_token_ms: float | None
+    tts_request_ms: float | None = None
     tts_first_audio_ms: float | None
     first_media_ms: float | None
     retrieval_ms: float | None

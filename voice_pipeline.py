@@ -350,6 +350,8 @@ class Speech:
     played: asyncio.Event = field(default_factory=asyncio.Event)
     first_media_at: float | None = None
     first_audio_at: float | None = None
+    llm_request_at: float | None = None  # its answer's first LLM request was made
+    tts_request_at: float | None = None  # its first chunk's synthesis was requested
     end_at: float | None = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     timing: TurnTiming | None = None
@@ -1019,6 +1021,8 @@ class CallSession:
     async def _synthesise(self, speech: Speech, text: str) -> None:
         chunk = Chunk(text=text, start=len(speech.audio))
         speech.chunks.append(chunk)
+        if speech.tts_request_at is None:
+            speech.tts_request_at = self.clock()
         try:
             async with aclosing(self.deps.tts.synthesize(text, voice=self.config.voice)) as audio:
                 async for piece in audio:
@@ -1176,6 +1180,9 @@ class CallSession:
             return
         speech.latency["first_media_ms"] = timing.ms(speech.first_media_at)
         speech.latency["tts_first_audio_ms"] = timing.ms(speech.first_audio_at)
+        if speech.llm_request_at is not None:  # an answer (a fixed line has no LLM request)
+            speech.latency["llm_request_ms"] = timing.ms(speech.llm_request_at)
+        speech.latency["tts_request_ms"] = timing.ms(speech.tts_request_at)
         self._observe("first_media", speech.latency["first_media_ms"])
         self._observe("tts_first_audio", speech.latency["tts_first_audio_ms"])
 
@@ -1201,6 +1208,8 @@ class CallSession:
         for _round in range(4):  # tool rounds
             calls: list[ToolCall] = []
             chunker = SentenceChunker()
+            if speech.llm_request_at is None:
+                speech.llm_request_at = self.clock()
             try:
                 async with aclosing(
                     self.deps.llm.stream_chat(

@@ -13,6 +13,15 @@ Definitions (all times in ms):
     tts_leg   = tts_first_audio_ms - llm_first_token_ms - first_chunk - TTS first byte
     pacer_leg = first_media_ms - tts_first_audio_ms
   so anything the service (or the emulators' scheduling, or the loopback) adds is counted.
+  Where the turns also carry when each request was made (llm_request_ms, tts_request_ms),
+  the same total splits into what happens inside the service and around the two requests:
+    prompt         = llm_request_ms - stt_final_ms              (history, retrieval, prompt)
+    llm_round_trip = llm_first_token_ms - llm_request_ms - TTFT (SDK, HTTP both ways, emulator)
+    chunking       = tts_request_ms - llm_first_token_ms - first_chunk (tokens 2.. arriving,
+                     the first chunk cut; the emulator's token pacing lands here too)
+    tts_round_trip = tts_first_audio_ms - tts_request_ms - TTS first byte
+    pacer          = pacer_leg
+  with in_service = prompt + chunking + pacer and provider_round_trips = the two round trips.
 - emulator lateness under load, per request the emulators timed during the run:
   (first output sent - request received) - configured delay, for the LLM's first token and
   the TTS's first byte. The overhead p95 less both lateness p95s is an approximation of the
@@ -41,6 +50,19 @@ from emulators.twilio_caller import CallerResult
 from voice_pipeline import LEAD_S
 
 STAGES = ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_media_ms")
+REQUEST_STAGES = ("llm_request_ms", "tts_request_ms")
+OVERHEAD_LEGS = (
+    "total",
+    "llm_leg",
+    "tts_leg",
+    "pacer_leg",
+    "in_service",
+    "provider_round_trips",
+    "prompt",
+    "llm_round_trip",
+    "chunking",
+    "tts_round_trip",
+)
 FRAME_S = 0.02
 STRAY_S = 0.05
 """A frame arriving this soon after a clear, before any other, was sent after the clear."""
@@ -97,7 +119,21 @@ def overhead(answer: Answer, providers: Providers) -> dict[str, float] | None:
         - providers.tts_first_byte_ms
     )
     pacer = t["first_media_ms"] - t["tts_first_audio_ms"]
-    return {"total": llm + tts + pacer, "llm_leg": llm, "tts_leg": tts, "pacer_leg": pacer}
+    legs = {"total": llm + tts + pacer, "llm_leg": llm, "tts_leg": tts, "pacer_leg": pacer}
+    if t.get("llm_request_ms") is None or t.get("tts_request_ms") is None:
+        return legs  # a service from before these stages were recorded
+    prompt = t["llm_request_ms"] - t["stt_final_ms"]
+    first_chunk = providers.first_chunk_ms(answer.reply)
+    chunking = t["tts_request_ms"] - t["llm_first_token_ms"] - first_chunk
+    legs.update(
+        prompt=prompt,
+        llm_round_trip=llm - prompt,
+        chunking=chunking,
+        tts_round_trip=tts - chunking,
+        in_service=prompt + chunking + pacer,
+        provider_round_trips=llm + tts - prompt - chunking,
+    )
+    return legs
 
 
 def server_figures(
@@ -105,10 +141,10 @@ def server_figures(
 ) -> dict[str, Any]:
     all_answers = [a for o in outcomes for a in answers(o, script)]
     stages = {s: percentiles(a.turn.get(s) for a in all_answers) for s in STAGES}
-    stages["retrieval_ms"] = percentiles(a.turn.get("retrieval_ms") for a in all_answers)
+    for stage in (*REQUEST_STAGES, "retrieval_ms"):
+        stages[stage] = percentiles(a.turn.get(stage) for a in all_answers)
     legs = [o for a in all_answers if (o := overhead(a, providers)) is not None]
-    over = {k: percentiles(leg[k] for leg in legs) for k in ("total", "llm_leg", "tts_leg")}
-    over["pacer_leg"] = percentiles(leg["pacer_leg"] for leg in legs)
+    over = {k: percentiles(leg.get(k) for leg in legs) for k in OVERHEAD_LEGS}
     detect = percentiles(
         a.turn["stt_final_ms"] - providers.stt_final_ms
         for a in all_answers

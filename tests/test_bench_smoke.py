@@ -43,6 +43,9 @@ def test_bench_runs_two_short_calls_and_writes_the_report(tmp_path: Path) -> Non
     assert report["calls"]["completed"] == 2, report["calls"]
     assert set(report["server"]["stages"]) >= {"stt_final_ms", "first_media_ms", "retrieval_ms"}
     assert report["server"]["overhead"]["total"]["n"] == 2
+    for leg in ("in_service", "provider_round_trips", "prompt", "chunking"):
+        assert report["server"]["overhead"][leg]["n"] == 2, leg
+    assert report["server"]["stages"]["llm_request_ms"]["n"] == 2
     assert report["caller"]["voice_to_voice_ms"]["n"] == 2
     # every answer's first token and first audio byte was timed by the emulators
     assert report["emulator_lateness"]["llm_first_token_ms"]["n"] >= 2
@@ -95,3 +98,37 @@ def test_loop_lag_figures_read_bucket_bounds_over_the_load_only() -> None:
         "mean_ms": 5.0,
     }
     assert report.loop_lag_figures(before, before) == {"n": 0}
+
+
+def test_overhead_splits_into_service_and_provider_round_trips() -> None:
+    """With the request stages the overhead splits exactly into the service's own share
+    and the two provider round trips; a turn without them (a service from before they were
+    recorded) keeps only the three legs."""
+    from bench.report import Answer, overhead
+    from bench.script import Providers
+
+    providers = Providers()  # TTFT 250, 40 tokens/s, TTS first byte 150
+    reply = "Sure thing. The pro plan is forty nine dollars a month."
+    first_chunk = providers.first_chunk_ms(reply)
+    turn = {
+        "stt_final_ms": 240.0,
+        "llm_request_ms": 242.0,  # prompt: 2
+        "llm_first_token_ms": 242.0 + 250 + 3,  # round trip: 3
+        "tts_request_ms": 495.0 + first_chunk + 1,  # chunking: 1
+        "tts_first_audio_ms": 496.0 + first_chunk + 150 + 4,  # round trip: 4
+        "first_media_ms": 650.0 + first_chunk + 0.5,  # pacer: 0.5
+    }
+    legs = overhead(Answer(turn, reply, 0), providers)
+    assert legs is not None
+    assert legs["prompt"] == pytest.approx(2)
+    assert legs["llm_round_trip"] == pytest.approx(3)
+    assert legs["chunking"] == pytest.approx(1)
+    assert legs["tts_round_trip"] == pytest.approx(4)
+    assert legs["in_service"] == pytest.approx(3.5)
+    assert legs["provider_round_trips"] == pytest.approx(7)
+    assert legs["total"] == pytest.approx(legs["in_service"] + legs["provider_round_trips"])
+
+    old = {k: v for k, v in turn.items() if k not in ("llm_request_ms", "tts_request_ms")}
+    legs = overhead(Answer(old, reply, 0), providers)
+    assert legs is not None and set(legs) == {"total", "llm_leg", "tts_leg", "pacer_leg"}
+    assert legs["total"] == pytest.approx(10.5)

@@ -11,7 +11,8 @@ import pytest
 import websockets
 
 from emulators.audio import synth_speech
-from emulators.deepgram import expected_tts_bytes
+from emulators.deepgram import DeepgramConfig, expected_tts_bytes
+from emulators.ollama import OllamaConfig
 from emulators.twilio_caller import Hangup, HangupAfterAgentAudio, SayAfterAgentAudio
 from tests.conftest import AUTH_TOKEN
 from tests.harness import LiveStack
@@ -74,12 +75,25 @@ async def test_whole_call_greeting_two_exchanges_goodbye(tmp_path, lines, caplog
         ("assistant", replies[2]),
     ]
     answers = [t for t in call["turns"] if t["role"] == "assistant"][1:]
+    order = [
+        "stt_final_ms",
+        "llm_request_ms",
+        "llm_first_token_ms",
+        "tts_request_ms",
+        "tts_first_audio_ms",
+        "first_media_ms",
+    ]
     for turn in answers:
         assert not turn["interrupted"]
-        stages = [turn["stt_final_ms"], turn["llm_first_token_ms"], turn["tts_first_audio_ms"]]
+        stages = [turn[stage] for stage in order]
         assert all(v is not None for v in stages), turn
-        assert turn["stt_final_ms"] <= turn["llm_first_token_ms"] <= turn["tts_first_audio_ms"]
-        assert turn["tts_first_audio_ms"] <= turn["first_media_ms"]
+        assert stages == sorted(stages), turn
+        # each request is stamped before its provider's own delay starts, never after
+        assert turn["llm_first_token_ms"] - turn["llm_request_ms"] >= OllamaConfig().ttft_ms - 1
+        tts_first_byte = DeepgramConfig().tts_first_byte_ms
+        assert turn["tts_first_audio_ms"] - turn["tts_request_ms"] >= tts_first_byte - 1
+    greeting = call["turns"][0]
+    assert greeting["llm_request_ms"] is None and greeting["tts_request_ms"] is None
     assert not result.clears
     assert stack.active_calls() == 0
     for stage in ("stt_final", "llm_first_token", "tts_first_audio", "first_media"):
