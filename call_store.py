@@ -11,6 +11,7 @@ Must not import FastAPI or vendor SDKs.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -104,7 +105,11 @@ class _Rows:
             return
         connection = await self.session.connection()  # Core: no ORM bulk layer either
         for model, rows in pending.items():
-            await connection.execute(insert(model), rows)
+            # An executemany takes its columns from the first row and silently drops any
+            # other row's extra keys (a user turn then an answer: the answer's latency and
+            # `interrupted` were lost), so each run of rows with the same keys is its own.
+            for _keys, run in itertools.groupby(rows, key=lambda row: row.keys()):
+                await connection.execute(insert(model), list(run))
 
 
 @dataclass(slots=True)

@@ -97,6 +97,52 @@ async def test_a_commit_window_gathers_writes_that_arrive_within_it(tmp_path):
         await database.aclose()
 
 
+async def test_turns_of_different_shapes_in_one_batch_keep_every_field(tmp_path):
+    """A batch of rows goes in by executemany, which takes its columns from the first row:
+    a user turn (few fields) ahead of an answer (latency, `interrupted`, tool calls) must
+    not cost the answer its fields, nor the reverse order give the user turn the answer's."""
+    database = await _database(tmp_path)
+    try:
+        first, second = await _calls(database, 2)
+        # agents that want no live events: the batch's turns are not flushed one by one
+        store = SqlCallStore(
+            database.sessionmaker, commit_window_s=0.2, live_events=lambda agent: set()
+        )
+        for call_id in (first, second):
+            assert (await store.load_config(call_id)) is not None
+        user = {"role": "user", "text": "How much is pro?", "start_s": 1.0, "stt_final_ms": 240.0}
+        answer = {
+            "role": "assistant",
+            "text": "The pro plan is",
+            "start_s": 2.0,
+            "interrupted": True,
+            "tool_calls": [{"name": "lookup"}],
+            "stt_final_ms": 240.0,
+            "llm_request_ms": 241.5,
+            "first_media_ms": 705.0,
+        }
+        commits = _count_commits(database)
+        await asyncio.gather(
+            store.add_turn(first, seq=1, **user),
+            store.add_turn(second, seq=1, **answer),
+            store.add_turn(first, seq=2, **answer),
+            store.add_turn(second, seq=2, **user),
+        )
+        assert len(commits) == 1  # one batch, both orders inside it
+        async with database.sessionmaker() as session:
+            stored = (await session.scalars(select(TranscriptTurn))).all()
+        assert len(stored) == 4
+        for turn in stored:
+            expected = answer if turn.role == "assistant" else user
+            got = {key: getattr(turn, key) for key in expected}
+            assert got == expected, (turn.call_id, turn.seq)
+            if turn.role == "user":  # untouched columns keep their defaults
+                assert turn.interrupted is False and turn.tool_calls == []
+                assert turn.first_media_ms is None
+    finally:
+        await database.aclose()
+
+
 async def test_hooks_read_the_batch_agents_without_a_query_per_write(tmp_path):
     database = await _database(tmp_path)
     try:
