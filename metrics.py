@@ -50,6 +50,14 @@ class PipelineMetrics:
             ["outcome"],
             registry=r,
         )
+        self.provider_latency = Histogram(
+            "aisdr_provider_latency_seconds",
+            "Request made -> first output, as this service saw it (network included): the LLM's"
+            " first token, the TTS's first audio of an answer",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.provider_errors = Counter(
             "aisdr_provider_errors", "Provider failures during calls", ["provider"], registry=r
         )

@@ -1182,7 +1182,13 @@ class CallSession:
         speech.latency["tts_first_audio_ms"] = timing.ms(speech.first_audio_at)
         if speech.llm_request_at is not None:  # an answer (a fixed line has no LLM request)
             speech.latency["llm_request_ms"] = timing.ms(speech.llm_request_at)
+            if timing.llm_first_token_at is not None:
+                waited = timing.llm_first_token_at - speech.llm_request_at
+                self.deps.metrics.provider_latency.labels("llm").observe(waited)
         speech.latency["tts_request_ms"] = timing.ms(speech.tts_request_at)
+        if speech.tts_request_at is not None and speech.first_audio_at is not None:
+            waited = speech.first_audio_at - speech.tts_request_at
+            self.deps.metrics.provider_latency.labels("tts").observe(waited)
         self._observe("first_media", speech.latency["first_media_ms"])
         self._observe("tts_first_audio", speech.latency["tts_first_audio_ms"])
 

@@ -327,7 +327,7 @@ def call_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str, A
         ended[o.caller.ended_by or "none"] = ended.get(o.caller.ended_by or "none", 0) + 1
     errors = [o.error or "; ".join(o.caller.errors) for o in outcomes if o.error or o.caller.errors]
     incomplete = [
-        {"call_id": o.call_id, "why": why}
+        {"call_id": o.call_id, "why": why, "turns": _turn_outline(o)}
         for o in outcomes
         if (why := _incomplete(o, script)) is not None
     ]
@@ -345,6 +345,13 @@ def call_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str, A
 def _completed(outcome: CallOutcome, script: CallScript) -> bool:
     """The caller hung up after hearing an answer to each of its turns."""
     return _incomplete(outcome, script) is None
+
+
+def _turn_outline(outcome: CallOutcome) -> list[dict[str, Any]]:
+    """The call's turns as the service recorded them (the script's own lines, no caller
+    data), for reading why a call did not complete."""
+    keys = ("role", "text", "start_s", "end_s", "interrupted", "stt_final_ms", "first_media_ms")
+    return [{k: t.get(k) for k in keys} for t in outcome.detail.get("turns", [])]
 
 
 def _incomplete(outcome: CallOutcome, script: CallScript) -> str | None:

@@ -75,6 +75,7 @@ async def test_whole_call_greeting_two_exchanges_goodbye(tmp_path, lines, caplog
         ("assistant", replies[2]),
     ]
     answers = [t for t in call["turns"] if t["role"] == "assistant"][1:]
+    tts_first_byte = DeepgramConfig().tts_first_byte_ms
     order = [
         "stt_final_ms",
         "llm_request_ms",
@@ -90,7 +91,6 @@ async def test_whole_call_greeting_two_exchanges_goodbye(tmp_path, lines, caplog
         assert stages == sorted(stages), turn
         # each request is stamped before its provider's own delay starts, never after
         assert turn["llm_first_token_ms"] - turn["llm_request_ms"] >= OllamaConfig().ttft_ms - 1
-        tts_first_byte = DeepgramConfig().tts_first_byte_ms
         assert turn["tts_first_audio_ms"] - turn["tts_request_ms"] >= tts_first_byte - 1
     greeting = call["turns"][0]
     assert greeting["llm_request_ms"] is None and greeting["tts_request_ms"] is None
@@ -98,6 +98,12 @@ async def test_whole_call_greeting_two_exchanges_goodbye(tmp_path, lines, caplog
     assert stack.active_calls() == 0
     for stage in ("stt_final", "llm_first_token", "tts_first_audio", "first_media"):
         assert f'aisdr_turn_latency_seconds_count{{stage="{stage}"}} 3.0' in metrics
+    # the providers' own latency, per answer: none is under its emulated delay
+    for provider, delay_ms in (("llm", OllamaConfig().ttft_ms), ("tts", tts_first_byte)):
+        assert f'aisdr_provider_latency_seconds_count{{provider="{provider}"}} 3.0' in metrics
+        below = max(b for b in (0.005, 0.01, 0.025, 0.05, 0.1, 0.15) if b < delay_ms / 1000)
+        bucket = f'aisdr_provider_latency_seconds_bucket{{le="{below}",provider="{provider}"}}'
+        assert f"{bucket} 0.0" in metrics
     assert 'aisdr_calls_ended_total{reason="assistant-ended-call"} 1.0' in metrics
     # transcripts, phone numbers and secrets stay out of INFO logs
     logged = caplog.text
