@@ -36,7 +36,7 @@ from providers import (
     LLMUnavailable,
     Message,
     ToolCall,
-    provider_http_transport,
+    provider_http_options,
 )
 
 log = logging.getLogger("ai_sdr." + __name__)
@@ -60,7 +60,7 @@ class OllamaLLM:
         # streaming uses the tighter first-token and between-chunk timeouts below.
         timeout = httpx.Timeout(read_timeout_s, connect=settings.OLLAMA_CONNECT_TIMEOUT_S)
         self._client = ollama.AsyncClient(
-            host=settings.OLLAMA_HOST, timeout=timeout, transport=provider_http_transport()
+            host=settings.OLLAMA_HOST, timeout=timeout, **provider_http_options()
         )
         self._first_token_timeout_s = settings.OLLAMA_FIRST_TOKEN_TIMEOUT_S
         self._chunk_timeout_s = chunk_timeout_s

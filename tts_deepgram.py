@@ -20,7 +20,7 @@ from deepgram.core.api_error import ApiError
 from deepgram.core.parse_error import ParsingError
 
 from config import Settings
-from providers import TTSError, provider_http_transport
+from providers import TTSError, provider_http_options
 from stt_deepgram import SAMPLE_RATE, build_deepgram_client
 
 log = logging.getLogger("ai_sdr." + __name__)
@@ -35,7 +35,7 @@ class DeepgramTTS:
     def __init__(self, settings: Settings, *, timeout_s: float = 10.0, retries: int = 1) -> None:
         # Read timeout bounds time to first byte and gaps between chunks.
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s, connect=3.0), transport=provider_http_transport()
+            timeout=httpx.Timeout(timeout_s, connect=3.0), **provider_http_options()
         )
         self._client = build_deepgram_client(settings, httpx_client=self._http)
         self._retries = retries

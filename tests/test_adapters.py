@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import socket
@@ -322,7 +323,9 @@ async def test_stt_reconnects_after_drop_and_replays_the_gap(tmp_path, deepgram)
         first = await collect(stream, is_speech_final)
 
         deepgram.set_listen_script(["After the drop."])
-        assert deepgram.drop_listen_connections(refuse_for_s=0.4) == 1
+        # refused for longer than sending the gap takes (95 paced frames, ~0.5-0.6 s), so
+        # the gap is certainly sent while disconnected, however the backoff falls
+        assert deepgram.drop_listen_connections(refuse_for_s=1.2) == 1
         await async_wait_until(lambda: not stream.connected)
         await stream_audio(stream, gap)  # sent while Deepgram refuses us
         assert not stream.connected
@@ -496,6 +499,43 @@ async def test_provider_transport_tells_down_from_slow() -> None:
         async with raw_http_server(silent) as url:
             with pytest.raises(httpx.ReadTimeout):
                 await http.post(url + "/api/chat", json={})
+
+
+@contextlib.contextmanager
+def responses_left_alive() -> Iterator[list[httpx.Response]]:
+    """With the collector off, the httpx responses made inside the block that are still
+    alive after it: only reference cycles keep a finished response alive."""
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, httpx.Response)}
+    left: list[httpx.Response] = []
+    gc.disable()
+    try:
+        yield left
+        left += [o for o in gc.get_objects() if isinstance(o, httpx.Response)]
+        left[:] = [o for o in left if id(o) not in before]
+    finally:
+        gc.enable()
+
+
+async def test_finished_provider_responses_are_freed_without_a_collection(
+    tts, llm, ollama_emu
+) -> None:
+    """httpx's streamed responses are reference cycles (the bound stream points back at the
+    response); the provider clients' hook breaks them on close, so a finished TTS or LLM
+    request is freed at once instead of waiting for a full collection. A plain client shows
+    the cycle the hook removes."""
+    ollama_emu.set_replies(["Sure thing."])
+    with responses_left_alive() as left:
+        assert await synthesize(tts, "Hello there.")
+        assert "".join(d.text for d in await chat(llm)) == "Sure thing."
+    assert left == []
+
+    async with httpx.AsyncClient(transport=provider_http_transport()) as plain:
+        with responses_left_alive() as left:
+            async with plain.stream("POST", ollama_emu.url + "/api/chat", json={}) as response:
+                await response.aread()
+            del response
+        assert len(left) == 1  # without the hook: alive until the collector finds it
 
 
 # --- text to speech --------------------------------------------------------------------------
