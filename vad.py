@@ -407,8 +407,9 @@ class VADStream:
     def pause_start(self) -> float | None:
         """While `is_pausing`: the audio time (s) at which the pause's silence began, the
         `silence_start` of its VADPause (which a caller may not have processed yet)."""
-        if not self._speaking or self._paused_at is None:
+        if not self.is_pausing:
             return None
+        assert self._paused_at is not None
         return self._seconds(self._paused_at)
 
     @property

@@ -1211,11 +1211,10 @@ class CallSession:
         messages = await self._messages_for(text, timing, history)
         speech.latency["retrieval_ms"] = timing.retrieval_ms
         tools = self.deps.tools.schemas(self.config) if self.deps.tools else []
+        speech.llm_request_at = self.clock()  # the first round's request goes out now
         for _round in range(4):  # tool rounds
             calls: list[ToolCall] = []
             chunker = SentenceChunker()
-            if speech.llm_request_at is None:
-                speech.llm_request_at = self.clock()
             try:
                 async with aclosing(
                     self.deps.llm.stream_chat(

@@ -321,7 +321,6 @@ def caller_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str,
 
 def call_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str, Any]:
     """How the calls went: ended as scripted, errors, peak concurrency."""
-    completed = sum(1 for o in outcomes if _completed(o, script))
     ended: dict[str, int] = {}
     for o in outcomes:
         ended[o.caller.ended_by or "none"] = ended.get(o.caller.ended_by or "none", 0) + 1
@@ -333,18 +332,13 @@ def call_figures(outcomes: list[CallOutcome], script: CallScript) -> dict[str, A
     ]
     return {
         "placed": len(outcomes),
-        "completed": completed,
+        "completed": len(outcomes) - len(incomplete),
         "ended_by": ended,
         "errors": errors[:10],
         "incomplete": incomplete[:10],
         "peak_concurrent": peak_concurrency(o.caller for o in outcomes),
         "call_seconds": round(sum(o.caller.duration for o in outcomes), 1),
     }
-
-
-def _completed(outcome: CallOutcome, script: CallScript) -> bool:
-    """The caller hung up after hearing an answer to each of its turns."""
-    return _incomplete(outcome, script) is None
 
 
 def _turn_outline(outcome: CallOutcome) -> list[dict[str, Any]]:
@@ -355,7 +349,8 @@ def _turn_outline(outcome: CallOutcome) -> list[dict[str, Any]]:
 
 
 def _incomplete(outcome: CallOutcome, script: CallScript) -> str | None:
-    """Why a call does not count as completed, or None if it does."""
+    """Why a call does not count as completed, or None if it does: completed is the caller
+    hanging up after hearing an answer to each of its turns."""
     r = outcome.caller
     if outcome.error:
         return f"error: {outcome.error}"
