@@ -22,6 +22,7 @@ import routes_knowledge
 import routes_twilio
 import routes_v1
 import routes_webhooks
+from admission import CallAdmission
 from call_store import SqlCallStore
 from config import Settings
 from db import Database
@@ -101,6 +102,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 tools=AgentTools(database.sessionmaker, twilio, settings, tools_http),
             )
         )
+        calls: CallManager = app.state.calls
+        app.state.admission = admission = CallAdmission(
+            settings.MAX_CONCURRENT_CALLS, live=calls.active.keys
+        )
+        app.state.metrics.call_slots.set_function(admission.in_use)
         await post_call.start()
         # Start-up loaded ~600k long-lived objects (torch, MiniLM, Chroma, Silero): move them
         # out of the collector's reach, or every full collection stalls all live calls for
@@ -156,4 +162,10 @@ async def _health(app: FastAPI, settings: Settings) -> dict[str, Any]:
         "deepgram": "configured" if settings.DEEPGRAM_API_KEY else "not_configured",
         "chroma": "ok" if chroma_ok else "down",
     }
-    return {"status": "ok" if database_ok else "degraded", "checks": checks}
+    admission: CallAdmission = app.state.admission
+    calls = {
+        "live": len(app.state.calls.active),
+        "reserved": admission.reserved(),
+        "limit": admission.limit or None,
+    }
+    return {"status": "ok" if database_ok else "degraded", "checks": checks, "calls": calls}

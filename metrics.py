@@ -25,6 +25,17 @@ class PipelineMetrics:
         self.calls_ended = Counter(
             "aisdr_calls_ended", "Calls ended, by reason", ["reason"], registry=r
         )
+        self.calls_refused = Counter(
+            "aisdr_calls_refused",
+            "Calls refused at MAX_CONCURRENT_CALLS, by direction",
+            ["direction"],
+            registry=r,
+        )
+        self.call_slots = Gauge(
+            "aisdr_call_slots_in_use",
+            "Live streams plus calls admitted whose stream has not started (MAX_CONCURRENT_CALLS)",
+            registry=r,
+        )
         self.turn_latency = Histogram(
             "aisdr_turn_latency_seconds",
             "Latency from the caller's end of speech, by stage",

@@ -14,15 +14,24 @@ from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketD
 from sqlalchemy import select
 from starlette.websockets import WebSocketState
 
+from admission import INBOUND_HOLD_S, CallAdmission
 from call_store import apply_status
 from config import Settings
 from db import SessionDep
 from errors import APIError
 from models import TERMINAL_STATUSES, Agent, Call
-from telephony import form_params, say_hangup_twiml, signature_is_valid, stream_twiml
+from telephony import (
+    form_params,
+    reject_twiml,
+    say_hangup_twiml,
+    signature_is_valid,
+    stream_twiml,
+)
 from utils import mask_phone
 
 log = logging.getLogger("ai_sdr.twilio")
+AT_CAPACITY = "at-capacity"
+"""`ended_reason` of a call refused because MAX_CONCURRENT_CALLS were up."""
 router = APIRouter(prefix="/twilio", include_in_schema=False)
 
 _MAX_FORM_FIELDS = 200
@@ -81,8 +90,29 @@ async def voice_webhook(params: TwilioForm, session: SessionDep, request: Reques
     if call.agent_id is None:
         log.info("inbound call %s to unassigned number %s", call.id, mask_phone(called))
         return _twiml(say_hangup_twiml())
+    admission: CallAdmission = request.app.state.admission
+    if call.ended_reason == AT_CAPACITY or not admission.try_admit(call.id, INBOUND_HOLD_S):
+        return await _refuse(request, session, call)
     request.app.state.call_store.prefetch_config(call.id)
     return _twiml(stream_twiml(settings.media_stream_url, {"call_id": call.id}))
+
+
+async def _refuse(request: Request, session: SessionDep, call: Call) -> Response:
+    """At the cap: a busy signal, and the call recorded (and reported) as refused."""
+    if call.ended_reason != AT_CAPACITY:  # not for Twilio's retry of the same webhook
+        call.ended_reason = AT_CAPACITY
+        apply_status(call, "busy")
+        request.app.state.metrics.calls_refused.labels("inbound").inc()
+        log.warning(
+            "inbound call %s refused: %d calls up (MAX_CONCURRENT_CALLS)",
+            call.id,
+            request.app.state.admission.limit,
+        )
+        hook = getattr(request.app.state, "call_hook", None)
+        if hook is not None:
+            await hook(session, call, "call.ended")
+        await session.commit()
+    return _twiml(reject_twiml())
 
 
 @router.post("/status", status_code=204)
@@ -96,6 +126,8 @@ async def status_callback(params: TwilioForm, session: SessionDep, request: Requ
     duration_text = _first(params, "CallDuration")
     duration = float(duration_text) if duration_text.isdigit() else None
     changed = apply_status(call, status, duration=duration)
+    if call.status in TERMINAL_STATUSES:  # ended before (or without) its stream: free its slot
+        request.app.state.admission.release(call.id)
     if not changed and status in TERMINAL_STATUSES and duration is not None:
         call.duration_seconds = duration  # Twilio's billed duration is authoritative
     if changed and call.status in TERMINAL_STATUSES and call.stream_sid is None:

@@ -16,6 +16,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
+from admission import OUTBOUND_HOLD_S, RETRY_AFTER_S, CallAdmission
 from config import Settings
 from db import SessionDep
 from errors import APIError, not_found
@@ -32,7 +33,7 @@ from schemas import (
     Page,
 )
 from telephony import TelephonyError, TwilioGateway, stream_twiml
-from utils import mask_phone
+from utils import mask_phone, new_id
 
 log = logging.getLogger("ai_sdr.api")
 _bearer = HTTPBearer(auto_error=False)
@@ -174,9 +175,25 @@ def _twilio(request: Request) -> TwilioGateway:
 TwilioDep = Annotated[TwilioGateway, Depends(_twilio)]
 
 
-@router.post("/calls", status_code=201, response_model=CallRead, response_model_by_alias=True)
+_DIAL_ERRORS: dict[int | str, dict[str, Any]] = {
+    502: {"description": "Twilio refused the call (its code in the message); the call is failed"},
+    503: {"description": "MAX_CONCURRENT_CALLS are up: nothing stored, retry after Retry-After"},
+}
+
+
+@router.post(
+    "/calls",
+    status_code=201,
+    response_model=CallRead,
+    response_model_by_alias=True,
+    responses=_DIAL_ERRORS,
+)
 async def create_call(
-    body: CallCreate, session: SessionDep, settings: SettingsDep, twilio: TwilioDep
+    body: CallCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    twilio: TwilioDep,
+    request: Request,
 ) -> Call:
     agent = await session.get(Agent, body.agent_id)
     if agent is None:
@@ -186,7 +203,34 @@ async def create_call(
         raise APIError(
             422, "validation_error", "from: required, the agent has no phone_number", "from"
         )
+    admission: CallAdmission = request.app.state.admission
+    call_id = new_id("call")
+    if not admission.try_admit(call_id, OUTBOUND_HOLD_S):
+        request.app.state.metrics.calls_refused.labels("outbound").inc()
+        raise APIError(
+            503,
+            "at_capacity",
+            f"at capacity: {admission.limit} calls are up (MAX_CONCURRENT_CALLS); retry later",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    try:
+        return await _dial(session, settings, twilio, agent, body, call_id, from_number)
+    except BaseException:
+        admission.release(call_id)  # not dialled (Twilio refused, or the request failed)
+        raise
+
+
+async def _dial(
+    session: SessionDep,
+    settings: Settings,
+    twilio: TwilioGateway,
+    agent: Agent,
+    body: CallCreate,
+    call_id: str,
+    from_number: str,
+) -> Call:
     call = Call(
+        id=call_id,
         agent_id=agent.id,
         direction="outbound",
         from_number=from_number,

@@ -56,6 +56,14 @@ def say_hangup_twiml(message: str = UNKNOWN_NUMBER_MESSAGE) -> str:
     return str(response)
 
 
+def reject_twiml() -> str:
+    """`<Reject reason="busy">`: the caller hears a busy signal and the call is not answered
+    (Twilio bills nothing for it)."""
+    response = VoiceResponse()
+    response.reject(reason="busy")
+    return str(response)
+
+
 def transfer_twiml(number: str, caller_id: str | None, announcement: str = "") -> str:
     response = VoiceResponse()
     if announcement:

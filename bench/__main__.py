@@ -57,6 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--py-spy", type=Path, help="py-spy profile of the server (.svg, or .txt for raw)"
     )
     p.add_argument("--service-dir", type=Path, help="run the service from this checkout")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=0,
+        help="the service's MAX_CONCURRENT_CALLS (default 0: no cap, so capacity is measured);"
+        " refused calls are redialled",
+    )
     p.add_argument("--out", type=Path, help="JSON report path (default bench/results/...)")
     return p.parse_args(argv)
 
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 fast_loop=not args.default_loop,
                 log=log,
                 service_dir=args.service_dir,
+                max_concurrent=args.max_concurrent,
             ) as stack,
         ):
             if args.sweep:

@@ -35,6 +35,16 @@ class CallOutcome:
     caller: CallerResult
     detail: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    refused: bool = False
+    """The service was at MAX_CONCURRENT_CALLS and answered with a busy signal."""
+
+
+class CallRefused(RuntimeError):
+    """The voice webhook answered `<Reject reason="busy">`."""
+
+
+REDIAL_AFTER_S = 5.0
+"""A caller who got a busy signal calls again this much later."""
 
 
 @dataclass
@@ -82,6 +92,8 @@ async def answer_inbound(http: httpx.AsyncClient, call_sid: str) -> str:
         "/twilio/voice", data=params, headers={"X-Twilio-Signature": signature}
     )
     response.raise_for_status()
+    if "<Reject" in response.text:
+        raise CallRefused(call_sid)
     match = _CALL_ID.search(response.text)
     if match is None:
         raise RuntimeError("voice webhook answered without a call_id parameter")
@@ -127,15 +139,24 @@ async def run_slot(
     await asyncio.sleep(slot * plan.stagger_s)
     outcomes: list[CallOutcome] = []
     last_s = 0.0
-    while not outcomes or time.monotonic() + last_s / 2 <= ends_at:
+    while not any(not o.refused for o in outcomes) or time.monotonic() + last_s / 2 <= ends_at:
         started = time.monotonic()
         try:
             outcomes.append(await place_call(stack, http, plan, slot))
+        except CallRefused:
+            outcomes.append(_refused(slot))
+            await asyncio.sleep(REDIAL_AFTER_S)
+            continue  # a busy signal says nothing of how long a call lasts
         except (httpx.HTTPError, RuntimeError) as exc:
             outcomes.append(_failed(slot, exc))
             await asyncio.sleep(1.0)
         last_s = time.monotonic() - started
     return outcomes
+
+
+def _refused(slot: int) -> CallOutcome:
+    caller = CallerResult(account_sid=ACCOUNT_SID, call_sid="", stream_sid="", ended_by="busy")
+    return CallOutcome(slot, "", caller, refused=True)
 
 
 def _failed(slot: int, exc: Exception) -> CallOutcome:

@@ -133,12 +133,14 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
     before = await take_readings(stack)
     load_start = time.monotonic()
     with PeakSampler(server_pid(stack)) as sampler:
-        outcomes = await run_load(stack, plan)
+        placed = await run_load(stack, plan)
     load_end = time.monotonic()
+    outcomes = [o for o in placed if not o.refused]
     after = await take_readings(stack)
     await fetch_details(stack, outcomes)
     timings = await emulator_timings(stack, load_start, load_end)
     calls = report.call_figures(outcomes, script)
+    calls["refused"] = len(placed) - len(outcomes)
     result = _figures(outcomes, script, providers, calls)
     result["resources"] = resources(before, after, sampler, idle_rate, calls)
     result["emulator_floor"] = floor  # before evaluate(): the net overhead needs it

@@ -74,7 +74,8 @@ class BenchStack:
 
     `emulator_config` is the JSON `python -m emulators --config` reads (twilio / deepgram /
     ollama sections). The service runs with uvloop and httptools when `fast_loop`, from
-    `service_dir` (default: this checkout; another one to compare a change).
+    `service_dir` (default: this checkout; another one to compare a change), with
+    `max_concurrent` as its MAX_CONCURRENT_CALLS (0: no cap).
     """
 
     def __init__(
@@ -85,12 +86,14 @@ class BenchStack:
         fast_loop: bool = True,
         log: IO[str] | None = None,
         service_dir: Path | None = None,
+        max_concurrent: int = 0,
     ) -> None:
         self.emulator_config = emulator_config
         self.workdir = workdir
         self.fast_loop = fast_loop
         self.log = log
         self.service_dir = service_dir or ROOT
+        self.max_concurrent = max_concurrent
         self.emulators: subprocess.Popen[str] | None = None
         self.server: subprocess.Popen[bytes] | None = None
         self.emulator_urls: dict[str, str] = {}
@@ -172,6 +175,7 @@ class BenchStack:
             "DEEPGRAM_BASE_URL": self.emulator_urls["deepgram"],
             "OLLAMA_HOST": self.emulator_urls["ollama"],
             "ALLOW_PRIVATE_URLS": "true",
+            "MAX_CONCURRENT_CALLS": str(self.max_concurrent),
         }
 
     def _start_server(self, timeout: float = 90.0) -> None:
