@@ -68,6 +68,7 @@ async def test_inbound_call_past_the_cap_hears_busy_and_is_recorded_as_refused(c
     refused = [c for c in (await http.get("/v1/calls")).json()["items"] if c["id"] != first_id]
     assert [(c["status"], c["ended_reason"]) for c in refused] == [("busy", "at-capacity")]
     assert refused[0]["ended_at"] is not None
+    assert refused[0]["analysis_status"] == "skipped"  # call.ended went out, no LLM spent
     metrics = (await http.get("/metrics")).text
     assert 'aisdr_calls_refused_total{direction="inbound"} 1.0' in metrics
     assert "aisdr_call_slots_in_use 1.0" in metrics

@@ -132,3 +132,15 @@ def test_overhead_splits_into_service_and_provider_round_trips() -> None:
     legs = overhead(Answer(old, reply, 0), providers)
     assert legs is not None and set(legs) == {"total", "llm_leg", "tts_leg", "pacer_leg"}
     assert legs["total"] == pytest.approx(10.5)
+
+
+def test_receive_floor_runs_each_server_and_counts_every_message() -> None:
+    command = [sys.executable, "-m", "bench.floor", "--calls", "3", "--seconds", "1"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=100)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[2:]}
+    assert set(rows) == {"io", "parse", "asgi"}
+    for mode, (_, messages, cpu_s, us, _per_min) in rows.items():
+        assert int(messages) == 3 * 50, mode  # every connection sent on its 20 ms clock
+        assert float(cpu_s) >= 0 and float(us) >= 0, mode
