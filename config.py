@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     PUBLIC_BASE_URL: str = "http://localhost:8000"
     API_KEYS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["dev-key"])
     MAX_REQUEST_BYTES: int = 30 * 1024 * 1024
-    MAX_CONCURRENT_CALLS: int = Field(default=120, ge=0)
+    MAX_CONCURRENT_CALLS: int = Field(default=100, ge=0)
 
     # --- Twilio --------------------------------------------------------------------------
     TWILIO_ACCOUNT_SID: str = ""

@@ -27,7 +27,7 @@ from telephony import (
     signature_is_valid,
     stream_twiml,
 )
-from utils import mask_phone
+from utils import mask_phone, new_id
 
 log = logging.getLogger("ai_sdr.twilio")
 AT_CAPACITY = "at-capacity"
@@ -71,9 +71,11 @@ async def voice_webhook(params: TwilioForm, session: SessionDep, request: Reques
     if not call_sid:
         raise APIError(422, "validation_error", "CallSid: field required", "CallSid")
     call = await session.scalar(select(Call).where(Call.twilio_call_sid == call_sid))
+    admission: CallAdmission = request.app.state.admission
     if call is None:  # Twilio retries webhooks: the same CallSid reuses its row
         agent = await session.scalar(select(Agent).where(Agent.phone_number == called))
         call = Call(
+            id=new_id("call"),
             agent_id=agent.id if agent else None,
             direction="inbound",
             from_number=caller[:20],
@@ -82,37 +84,37 @@ async def voice_webhook(params: TwilioForm, session: SessionDep, request: Reques
             status="ringing",
             variables=dict(agent.variables) if agent else {},
         )
+        session.add(call)
         if agent is None:
             call.status, call.ended_reason = "failed", "failed"
             call.error_message = "no agent is assigned to the called number"
-        session.add(call)
+        elif not admission.try_admit(call.id, INBOUND_HOLD_S):
+            await _record_refused(request, session, call)  # one transaction, as cheap as can be
         await session.commit()
     if call.agent_id is None:
         log.info("inbound call %s to unassigned number %s", call.id, mask_phone(called))
         return _twiml(say_hangup_twiml())
-    admission: CallAdmission = request.app.state.admission
-    if call.ended_reason == AT_CAPACITY or not admission.try_admit(call.id, INBOUND_HOLD_S):
-        return await _refuse(request, session, call)
+    if call.ended_reason == AT_CAPACITY:  # refused now, or Twilio retrying a refused call
+        return _twiml(reject_twiml())
+    if not admission.try_admit(call.id, INBOUND_HOLD_S):  # a retry once the cap was reached
+        await _record_refused(request, session, call)
+        await session.commit()
+        return _twiml(reject_twiml())
     request.app.state.call_store.prefetch_config(call.id)
     return _twiml(stream_twiml(settings.media_stream_url, {"call_id": call.id}))
 
 
-async def _refuse(request: Request, session: SessionDep, call: Call) -> Response:
-    """At the cap: a busy signal, and the call recorded (and reported) as refused."""
-    if call.ended_reason != AT_CAPACITY:  # not for Twilio's retry of the same webhook
-        call.ended_reason = AT_CAPACITY
-        apply_status(call, "busy")
-        request.app.state.metrics.calls_refused.labels("inbound").inc()
-        log.warning(
-            "inbound call %s refused: %d calls up (MAX_CONCURRENT_CALLS)",
-            call.id,
-            request.app.state.admission.limit,
-        )
-        hook = getattr(request.app.state, "call_hook", None)
-        if hook is not None:
-            await hook(session, call, "call.ended")
-        await session.commit()
-    return _twiml(reject_twiml())
+async def _record_refused(request: Request, session: SessionDep, call: Call) -> None:
+    """At the cap: the call is recorded as refused (busy, `at-capacity`) and reported as
+    ended, in the caller's transaction; the caller answers with a busy signal."""
+    call.ended_reason = AT_CAPACITY
+    apply_status(call, "busy")
+    request.app.state.metrics.calls_refused.labels("inbound").inc()
+    log.info("inbound call %s refused: MAX_CONCURRENT_CALLS are up", call.id)
+    hook = getattr(request.app.state, "call_hook", None)
+    if hook is not None:
+        await session.flush()  # the hook reads the call's row
+        await hook(session, call, "call.ended")
 
 
 @router.post("/status", status_code=204)

@@ -43,8 +43,10 @@ class CallRefused(RuntimeError):
     """The voice webhook answered `<Reject reason="busy">`."""
 
 
-REDIAL_AFTER_S = 5.0
-"""A caller who got a busy signal calls again this much later."""
+REDIAL_AFTER_S = 30.0
+"""A caller who got a busy signal calls again this much later. (Each refusal costs the
+service about 8 ms of CPU, BENCHMARKS.md, seventh round: a storm of redials every few
+seconds would itself load it.)"""
 
 
 @dataclass
