@@ -201,7 +201,8 @@ class CallAnalyser:
         report, and start the analysis once the transaction commits."""
         if event_name != "call.ended" or call.analysis_status is not None:
             return
-        if not has_conversation(await load_turns(session, call.id)):
+        # a call that never streamed has no transcript to read (busy, no answer, refused)
+        if call.stream_sid is None or not has_conversation(await load_turns(session, call.id)):
             call.analysis_status = "skipped"
             return
         call.analysis_status = "pending"
