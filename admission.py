@@ -48,9 +48,10 @@ class CallAdmission:
     def try_admit(self, call_id: str, hold_s: float) -> bool:
         """Admit `call_id` if a slot is free (or it already holds one); False at the cap."""
         self._prune()
-        if call_id in self._reserved or call_id in self._live():
+        live = self._live()
+        if call_id in self._reserved or call_id in live:
             return True
-        if self.limit and self.in_use() >= self.limit:
+        if self.limit and len(live) + len(self._reserved) >= self.limit:
             return False
         self._reserved[call_id] = self._clock() + hold_s
         return True

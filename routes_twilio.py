@@ -91,14 +91,17 @@ async def voice_webhook(params: TwilioForm, session: SessionDep, request: Reques
         elif not admission.try_admit(call.id, INBOUND_HOLD_S):
             await _record_refused(request, session, call)  # one transaction, as cheap as can be
         await session.commit()
+    elif (
+        call.agent_id is not None
+        and call.ended_reason != AT_CAPACITY
+        and not admission.try_admit(call.id, INBOUND_HOLD_S)
+    ):  # Twilio's retry of an admitted call whose slot lapsed, now at the cap
+        await _record_refused(request, session, call)
+        await session.commit()
     if call.agent_id is None:
         log.info("inbound call %s to unassigned number %s", call.id, mask_phone(called))
         return _twiml(say_hangup_twiml())
     if call.ended_reason == AT_CAPACITY:  # refused now, or Twilio retrying a refused call
-        return _twiml(reject_twiml())
-    if not admission.try_admit(call.id, INBOUND_HOLD_S):  # a retry once the cap was reached
-        await _record_refused(request, session, call)
-        await session.commit()
         return _twiml(reject_twiml())
     request.app.state.call_store.prefetch_config(call.id)
     return _twiml(stream_twiml(settings.media_stream_url, {"call_id": call.id}))

@@ -141,7 +141,8 @@ async def run_slot(
     await asyncio.sleep(slot * plan.stagger_s)
     outcomes: list[CallOutcome] = []
     last_s = 0.0
-    while not any(not o.refused for o in outcomes) or time.monotonic() + last_s / 2 <= ends_at:
+    placed = False  # a refused call does not count as the slot's first call
+    while not placed or time.monotonic() + last_s / 2 <= ends_at:
         started = time.monotonic()
         try:
             outcomes.append(await place_call(stack, http, plan, slot))
@@ -152,6 +153,7 @@ async def run_slot(
         except (httpx.HTTPError, RuntimeError) as exc:
             outcomes.append(_failed(slot, exc))
             await asyncio.sleep(1.0)
+        placed = True
         last_s = time.monotonic() - started
     return outcomes
 
