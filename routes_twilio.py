@@ -8,6 +8,7 @@ what it requested, not what a proxy forwards to us); a forged one gets 403 and c
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
@@ -19,6 +20,7 @@ from call_store import apply_status
 from config import Settings
 from db import SessionDep
 from errors import APIError
+from media_ws import TEXT_SINK
 from models import TERMINAL_STATUSES, Agent, Call
 from telephony import (
     form_params,
@@ -184,6 +186,15 @@ class WebSocketTransport:
         if message.get("text") is not None:
             return str(message["text"])
         return (message.get("bytes") or b"").decode("utf-8", errors="replace")
+
+    def subscribe(self, sink: Callable[[str], None]) -> bool:
+        """Text messages to `sink` as uvicorn reads them, where the server runs
+        `media_ws.MediaStreamProtocol`; False (nothing changes) elsewhere."""
+        hook = self.websocket.scope.get("extensions", {}).get(TEXT_SINK)
+        if hook is None:
+            return False
+        hook(sink)
+        return True
 
     async def send_text(self, text: str) -> None:
         await self.websocket.send_text(text)

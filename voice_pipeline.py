@@ -148,7 +148,9 @@ class AgentConfig:
 
 
 class MediaTransport(Protocol):
-    """The Twilio WebSocket as the pipeline sees it."""
+    """The Twilio WebSocket as the pipeline sees it. A transport may also offer
+    `subscribe(sink) -> bool`: text messages then go to `sink` as they are read, not
+    through `receive_text()` (which still returns None at the end)."""
 
     async def receive_text(self) -> str | None:
         """The next text message, or None once the peer has gone."""
@@ -490,6 +492,7 @@ class CallSession:
         self._tg: asyncio.TaskGroup | None = None
         self._writes: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue()
         self.frames_dropped = 0
+        self._pushed_end: asyncio.Future[None] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -602,22 +605,60 @@ class CallSession:
     # --- inbound ------------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
+        """Read the stream until it ends. Where the transport can push text messages
+        (`media_ws`), they arrive as calls to `_on_pushed` instead, and this loop only
+        waits for the end: a `stop`, the socket's disconnect, or a failure in handling."""
+        subscribe = getattr(self.transport, "subscribe", None)
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pushed_end = ended
+        if subscribe is None or not subscribe(self._on_pushed):
+            await self._read_messages()
+            return
+        reader = asyncio.create_task(self._read_until_end(ended), name="receive-rest")
+        try:
+            await ended
+        finally:
+            self._pushed_end = None
+            reader.cancel()
+
+    async def _read_messages(self) -> None:
         while True:
             text = await self.transport.receive_text()
             if text is None:
                 raise _CallEnded(self._hangup_reason())
-            message = self._parse(text)
-            if message is None:
-                continue
-            event = message.get("event")
-            if event == "media":
-                self._on_media(message)
-            elif event == "mark":
-                self._on_mark(message)
-            elif event == "dtmf":
-                self._on_dtmf(message)
-            elif event == "stop":
-                raise _CallEnded(self._hangup_reason())
+            self._on_text(text)
+
+    async def _read_until_end(self, ended: asyncio.Future[None]) -> None:
+        """With a pushing transport: what still comes through `receive_text()` (the
+        disconnect, a binary message) ends `ended` the way the read loop would end."""
+        try:
+            await self._read_messages()
+        except Exception as exc:
+            if not ended.done():
+                ended.set_exception(exc)
+
+    def _on_pushed(self, text: str) -> None:
+        ended = self._pushed_end
+        if ended is None or ended.done():
+            return  # the call is ending: later messages are not ours to handle
+        try:
+            self._on_text(text)
+        except Exception as exc:  # a `stop`, or a failure: the receive loop raises it
+            ended.set_exception(exc)
+
+    def _on_text(self, text: str) -> None:
+        message = self._parse(text)
+        if message is None:
+            return
+        event = message.get("event")
+        if event == "media":
+            self._on_media(message)
+        elif event == "mark":
+            self._on_mark(message)
+        elif event == "dtmf":
+            self._on_dtmf(message)
+        elif event == "stop":
+            raise _CallEnded(self._hangup_reason())
 
     def _hangup_reason(self) -> str:
         return "customer-ended-call" if not self._ending else self.ended_reason

@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--service-dir", type=Path, help="run the service from this checkout")
     p.add_argument(
+        "--ws",
+        default="media_ws:MediaStreamProtocol",
+        help="the service's uvicorn --ws (websockets-sansio: messages through ASGI receive())",
+    )
+    p.add_argument(
         "--max-concurrent",
         type=int,
         default=0,
@@ -151,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 log=log,
                 service_dir=args.service_dir,
                 max_concurrent=args.max_concurrent,
+                ws_protocol=args.ws,
             ) as stack,
         ):
             if args.sweep:

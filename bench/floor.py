@@ -5,13 +5,15 @@ audio work, in three servers of increasing depth:
            one Python callback per read
     parse  the same, parsing every frame with websockets' sans-I/O protocol (the parser
            under uvicorn's `websockets-sansio`, which the service uses)
-    asgi   uvicorn as the service runs it (uvloop, httptools, websockets-sansio, no deflate)
-           with a bare ASGI app that parses each message (orjson) and decodes its payload
+    asgi   uvicorn (uvloop, httptools, websockets-sansio, no deflate) with a bare ASGI app
+           that reads each message with `receive()`, parses it (orjson) and decodes its payload
+    direct the same app and work, under the service's protocol (`media_ws`): each message is
+           handed to the app in the read callback that parsed it, with no `receive()`
 
 N connections each send a Twilio-shaped `media` message (20 ms of mu-law) every 20 ms on an
 absolute clock for `--seconds`; each server runs in its own process, and its CPU
 (utime + stime from /proc) is divided by the messages sent. The service does all of `asgi`
-and then its audio work, so `asgi` is a floor under its CPU per call (BENCHMARKS.md).
+and then its audio work, so `direct` is a floor under its CPU per call (BENCHMARKS.md).
 
     .venv/bin/python -m bench.floor --calls 100 --seconds 15
 """
@@ -34,8 +36,9 @@ from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
 from bench.stack import free_port, proc_sample
+from media_ws import TEXT_SINK
 
-MODES = ("io", "parse", "asgi")
+MODES = ("io", "parse", "asgi", "direct")
 FRAME_S = 0.02
 PAYLOAD = base64.b64encode(bytes([0xFF]) * 160).decode()  # 20 ms of mu-law silence
 
@@ -92,10 +95,28 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             base64.b64decode(media["payload"])
 
 
+def _on_text(text: str) -> None:
+    media = orjson.loads(text).get("media")
+    if media:
+        base64.b64decode(media["payload"])
+
+
+async def direct_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The `direct` server's app: the same work, each message handed over by the protocol."""
+    if scope["type"] != "websocket":
+        return
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    scope["extensions"][TEXT_SINK](_on_text)
+    while (await receive())["type"] == "websocket.receive":
+        pass
+
+
 def _start(mode: str, port: int) -> subprocess.Popen[str]:
-    if mode == "asgi":
-        command = ["-m", "uvicorn", "bench.floor:asgi_app", "--loop", "uvloop"]
-        command += ["--http", "httptools", "--ws", "websockets-sansio"]
+    if mode in ("asgi", "direct"):
+        ws = "media_ws:MediaStreamProtocol" if mode == "direct" else "websockets-sansio"
+        command = ["-m", "uvicorn", f"bench.floor:{mode}_app", "--loop", "uvloop"]
+        command += ["--http", "httptools", "--ws", ws]
         command += ["--ws-per-message-deflate", "false", "--log-level", "warning"]
         command += ["--lifespan", "off", "--port", str(port)]
     else:

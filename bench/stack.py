@@ -75,7 +75,8 @@ class BenchStack:
     `emulator_config` is the JSON `python -m emulators --config` reads (twilio / deepgram /
     ollama sections). The service runs with uvloop and httptools when `fast_loop`, from
     `service_dir` (default: this checkout; another one to compare a change), with
-    `max_concurrent` as its MAX_CONCURRENT_CALLS (0: no cap).
+    `max_concurrent` as its MAX_CONCURRENT_CALLS (0: no cap) and uvicorn's `--ws`
+    `ws_protocol` (`websockets-sansio` to run a tree from before `media_ws`).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class BenchStack:
         log: IO[str] | None = None,
         service_dir: Path | None = None,
         max_concurrent: int = 0,
+        ws_protocol: str = "media_ws:MediaStreamProtocol",
     ) -> None:
         self.emulator_config = emulator_config
         self.workdir = workdir
@@ -94,6 +96,7 @@ class BenchStack:
         self.log = log
         self.service_dir = service_dir or ROOT
         self.max_concurrent = max_concurrent
+        self.ws_protocol = ws_protocol
         self.emulators: subprocess.Popen[str] | None = None
         self.server: subprocess.Popen[bytes] | None = None
         self.emulator_urls: dict[str, str] = {}
@@ -182,7 +185,8 @@ class BenchStack:
         self.port = free_port()
         command = [sys.executable, "-m", "uvicorn", "main:create_app", "--factory"]
         command += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        command += ["--ws-per-message-deflate", "false"]  # as run.sh: audio does not compress
+        # as run.sh: audio does not compress; text messages pushed to the call (media_ws)
+        command += ["--ws-per-message-deflate", "false", "--ws", self.ws_protocol]
         if self.fast_loop:
             command += ["--loop", "uvloop", "--http", "httptools"]
         self.server = subprocess.Popen(

@@ -62,6 +62,8 @@ class ThreadedServer:
     """
 
     name = "emulator"
+    ws_protocol = "websockets-sansio"
+    """uvicorn's `ws` setting: a protocol name, or "module:Class"."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
@@ -106,7 +108,7 @@ class ThreadedServer:
             access_log=False,
             lifespan="off",
             http="httptools",
-            ws="websockets-sansio",
+            ws=self.ws_protocol,
             # audio does not compress: negotiating permessage-deflate only burns CPU
             ws_per_message_deflate=False,
             timeout_graceful_shutdown=3,

@@ -35,10 +35,13 @@ class AppServer(ThreadedServer):
     """The real FastAPI app under uvicorn in a thread, lifespan included."""
 
     name = "ai-sdr"
+    ws_protocol = "media_ws:MediaStreamProtocol"  # as run.sh and the Dockerfile run it
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ws_protocol: str | None = None) -> None:
         super().__init__()
         self.app = create_app(settings)
+        if ws_protocol is not None:
+            self.ws_protocol = ws_protocol
         self._lifespan: Any = None
 
     def build_app(self) -> Any:
@@ -64,6 +67,7 @@ class LiveStack:
         *,
         deepgram: dict[str, Any] | None = None,
         ollama: dict[str, Any] | None = None,
+        ws_protocol: str | None = None,
         **settings: Any,
     ) -> None:
         self.deepgram = DeepgramEmulator(api_key="dg-test-key", **(deepgram or {}))
@@ -71,6 +75,7 @@ class LiveStack:
         self.twilio = TwilioRestEmulator(ACCOUNT_SID, AUTH_TOKEN)
         self.tmp_path = tmp_path
         self.extra_settings = settings
+        self.ws_protocol = ws_protocol  # None: the protocol run.sh uses
         self.server: AppServer | None = None
         self.settings: Settings | None = None
 
@@ -84,7 +89,7 @@ class LiveStack:
             TWILIO_API_BASE_URL=self.twilio.url,
             **self.extra_settings,
         )
-        self.server = AppServer(self.settings).start()
+        self.server = AppServer(self.settings, self.ws_protocol).start()
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:

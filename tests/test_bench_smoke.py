@@ -140,7 +140,7 @@ def test_receive_floor_runs_each_server_and_counts_every_message() -> None:
 
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[2:]}
-    assert set(rows) == {"io", "parse", "asgi"}
+    assert set(rows) == {"io", "parse", "asgi", "direct"}
     for mode, (_, messages, cpu_s, us, _per_min) in rows.items():
         assert int(messages) == 3 * 50, mode  # every connection sent on its 20 ms clock
         assert float(cpu_s) >= 0 and float(us) >= 0, mode

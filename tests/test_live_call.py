@@ -122,9 +122,18 @@ def _answers(call: dict) -> list[dict]:
     return [t for t in call["turns"] if t["role"] == "assistant"]
 
 
-async def test_barge_in_cuts_the_turn_to_what_was_heard(tmp_path, lines):
+# The service's own protocol hands each text message to the call as it is read (media_ws);
+# under plain uvicorn (`--ws websockets-sansio` or auto) the call reads them with receive().
+BOTH_PROTOCOLS = pytest.mark.parametrize(
+    "ws_protocol", [None, "websockets-sansio"], ids=["pushed", "through-receive"]
+)
+
+
+@BOTH_PROTOCOLS
+async def test_barge_in_cuts_the_turn_to_what_was_heard(tmp_path, lines, ws_protocol):
     with LiveStack(
         tmp_path,
+        ws_protocol=ws_protocol,
         deepgram={"listen_script": ["Tell me about pricing.", "Wait, I have a question."]},
         ollama={"replies": [LONG_REPLY, "Sure, what is your question?"]},
     ) as stack:
@@ -278,8 +287,9 @@ async def test_ollama_error_speaks_the_fallback_and_the_call_goes_on(tmp_path, l
     assert call["ended_reason"] == "customer-ended-call"
 
 
-async def test_malformed_frames_are_survived(tmp_path):
-    with LiveStack(tmp_path) as stack:
+@BOTH_PROTOCOLS
+async def test_malformed_frames_are_survived(tmp_path, ws_protocol):
+    with LiveStack(tmp_path, ws_protocol=ws_protocol) as stack:
         await stack.create_agent()
         call_id = await stack.answer_inbound("CA" + "f" * 32)
         headers = {"X-Twilio-Signature": caller_signature(stack)}
