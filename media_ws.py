@@ -13,6 +13,12 @@ sending, pings, closing) stays uvicorn's, so `receive()` still returns the disco
 
 An app finds the subscription in its scope (`scope["extensions"][TEXT_SINK]`, a callable
 taking the sink) and must work without it, under another protocol or a test client.
+
+Once subscribed, and once websockets' parser stands between two frames, the protocol also
+splits the stream into frames itself. The common frame, a whole masked text message with no
+extension bits, is unmasked (websockets' C `apply_mask`) and handed to the sink; any other
+frame (control frames, fragments, binary, compressed, oversize, unmasked) is fed whole to
+websockets' parser, which handles it as before and so always sees whole frames.
 """
 
 from __future__ import annotations
@@ -22,12 +28,22 @@ from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import OPEN
+from websockets.streams import StreamReader
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - the wheel ships the C extension
+    from websockets.utils import apply_mask
 
 log = logging.getLogger("aisdr.media_ws")
 
 TEXT_SINK = "aisdr.text_sink"
 
 TextSink = Callable[[str], None]
+
+_AT_EOF = StreamReader.at_eof.__code__
+_FIN_TEXT = 0x81  # FIN, no RSV bits, opcode 1
 
 
 class MediaStreamProtocol(WebSocketsSansIOProtocol):
@@ -39,6 +55,69 @@ class MediaStreamProtocol(WebSocketsSansIOProtocol):
     """
 
     _sink: TextSink | None = None
+    _framing = False  # splitting frames here (subscribed, and websockets was between frames)
+    _partial = b""  # the start of a frame not yet whole
+
+    def data_received(self, data: bytes) -> None:
+        if not self._framing:
+            super().data_received(data)
+            if self._sink is not None and self._between_frames():
+                self._framing = True
+            return
+        buf = self._partial + data if self._partial else data
+        self._partial = b""
+        pos, end = 0, len(buf)
+        while pos < end:
+            size, header = _frame_size(buf, pos)
+            if size == 0 or pos + size > end:
+                if size > self._max_frame_size():
+                    self._framing = False  # websockets rejects it as it reads the header
+                    super().data_received(buf[pos:])
+                    return
+                self._partial = buf[pos:]
+                return
+            if (
+                buf[pos] == _FIN_TEXT
+                and header
+                and self._sink is not None
+                and not self.close_sent
+                and self.conn.state is OPEN
+                and self.conn.current_size is None
+                and size - header <= self._max_frame_size()
+            ):
+                self._text_frame(buf, pos, header, size)
+            else:
+                super().data_received(buf[pos : pos + size])
+            pos += size
+            if self._sink is None or self.transport.is_closing():
+                self._framing = False
+                if pos < end:
+                    super().data_received(buf[pos:])
+                return
+
+    def _text_frame(self, buf: bytes, pos: int, header: int, size: int) -> None:
+        mask = buf[pos + header - 4 : pos + header]
+        try:
+            text = apply_mask(buf[pos + header : pos + size], mask).decode()
+        except UnicodeDecodeError:
+            log.warning("media stream: invalid UTF-8 in a text message; closing (1007)")
+            self.conn.fail(1007, "invalid UTF-8")
+            self.handle_parser_exception()
+            return
+        self._deliver(text)
+
+    def _between_frames(self) -> bool:
+        """websockets' parser waits for a frame's first byte with nothing buffered."""
+        if self.conn.state is not OPEN or self.conn.reader.buffer:
+            return False
+        inner: Any = self.conn.parser
+        while getattr(inner, "gi_yieldfrom", None) is not None:
+            inner = inner.gi_yieldfrom
+        return getattr(inner, "gi_code", None) is _AT_EOF
+
+    def _max_frame_size(self) -> int:
+        limit = self.conn.max_message_size
+        return limit if limit is not None else 1 << 62
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -90,3 +169,25 @@ class MediaStreamProtocol(WebSocketsSansIOProtocol):
             self._sink = None
             self.conn.fail(1011, "internal error")
             self.handle_parser_exception()
+
+
+def _frame_size(buf: bytes, pos: int) -> tuple[int, int]:
+    """(whole frame's length, header's length if masked else 0) of the frame at `pos`, or
+    (0, 0) while its header is incomplete. RFC 6455 section 5.2."""
+    avail = len(buf) - pos
+    if avail < 2:
+        return 0, 0
+    second = buf[pos + 1]
+    length, header = second & 0x7F, 2
+    if length == 126:
+        if avail < 4:
+            return 0, 0
+        length, header = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+    elif length == 127:
+        if avail < 10:
+            return 0, 0
+        length, header = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+    if second & 0x80:
+        header += 4
+        return header + length, header
+    return header + length, 0

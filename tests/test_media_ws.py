@@ -6,12 +6,18 @@ sink that raises fails the connection with 1011."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import threading
 from typing import Any
 
 import pytest
 import websockets
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Opcode
+from websockets.protocol import OPEN
+from websockets.uri import parse_uri
 
 from emulators.base import ThreadedServer
 from media_ws import TEXT_SINK
@@ -127,3 +133,113 @@ async def test_under_plain_uvicorn_there_is_no_subscription() -> None:
 
     assert server.subscribed is False
     assert _texts(server.received) == ["hello"] and server.pushed == []
+
+
+async def _raw_client(url: str) -> tuple[Any, asyncio.StreamReader, asyncio.StreamWriter]:
+    """websockets' sans-I/O client over a plain socket, so the test decides how the bytes
+    are cut into reads."""
+    protocol = ClientProtocol(parse_uri(url))
+    protocol.send_request(protocol.connect())
+    host, port = url.removeprefix("ws://").split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"".join(protocol.data_to_send()))
+    while protocol.state is not OPEN:
+        protocol.receive_data(await asyncio.wait_for(reader.read(65536), 5))
+    protocol.events_received()
+    return protocol, reader, writer
+
+
+async def test_frames_cut_anywhere_mixed_with_control_and_fragmented_frames() -> None:
+    """Whole text frames take the protocol's own framing; the rest go whole to websockets.
+    Cut into reads of 1 to 700 bytes, every message still arrives once, in order. (Before
+    the takeover the messages go through websockets' parser, as under plain uvicorn.)"""
+    server = SinkServer(before=1, settle_s=0.3).start()
+    rng = random.Random(7)
+    texts = [f"message {n} " + "x" * rng.choice([3, 100, 200, 400]) for n in range(60)]
+    texts[30] = "big " + "y" * 70_000  # a 64-bit length
+    texts[40] = "h\u00e9llo \u2603"  # multi-byte UTF-8
+    try:
+        protocol, reader, writer = await _raw_client(server.ws_url + "/media")
+        protocol.send_text(b"first, before the subscription")
+        writer.write(b"".join(protocol.data_to_send()))
+        await asyncio.sleep(0.1)
+        head = texts[0].encode()
+        protocol.send_text(head)
+        pending = b"".join(protocol.data_to_send())
+        writer.write(pending[:5])  # a frame cut in two across the subscription
+        await asyncio.sleep(0.5)
+        writer.write(pending[5:])  # the read ends between frames: the takeover
+        await asyncio.sleep(0.1)
+        stream = b""
+        for n, text in enumerate(texts[1:], start=1):
+            if n == 10:
+                protocol.send_text(b"frag", fin=False)
+                protocol.send_continuation(b"mented ", fin=False)
+                protocol.send_continuation(b"message", fin=True)
+            if n == 20:
+                protocol.send_ping(b"are you there")
+            if n == 25:
+                protocol.send_binary(b"\x01\x02")
+            protocol.send_text(text.encode())
+            stream += b"".join(protocol.data_to_send())
+        pos = 0
+        while pos < len(stream):
+            cut = rng.choice([1, 2, 3, 7, 60, 130, 700])
+            writer.write(stream[pos : pos + cut])
+            pos += cut
+            if rng.random() < 0.2:
+                await writer.drain()
+                await asyncio.sleep(0.002)
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        protocol.receive_data(await asyncio.wait_for(reader.read(65536), 5))
+        pongs = [e for e in protocol.events_received() if e.opcode is Opcode.PONG]
+        protocol.send_close(1000)
+        writer.write(b"".join(protocol.data_to_send()))
+        await writer.drain()
+        server.wait_done()
+        writer.close()
+    finally:
+        server.stop()
+
+    assert _texts(server.received) == ["first, before the subscription"]
+    expected = [*texts[:10], "fragmented message", *texts[10:]]
+    assert server.pushed == expected
+    assert [m.get("bytes") for m in server.received if m.get("bytes")] == [b"\x01\x02"]
+    assert [bytes(p.data) for p in pongs] == [b"are you there"]
+    assert server.received[-1]["type"] == "websocket.disconnect"
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"\x81\x05hello", 1002),  # a client's frame must be masked
+        (b"\x81\x84\x00\x00\x00\x00\xff\xfe\xfd\xfc", 1007),  # not UTF-8
+    ],
+    ids=["unmasked", "invalid-utf8"],
+)
+async def test_a_bad_frame_after_the_takeover_closes_with_the_right_code(
+    frame: bytes, code: int
+) -> None:
+    server = SinkServer().start()
+    try:
+        protocol, reader, writer = await _raw_client(server.ws_url + "/media")
+        await asyncio.sleep(0.2)  # subscribed
+        protocol.send_text(b"fine")
+        writer.write(b"".join(protocol.data_to_send()))
+        await asyncio.sleep(0.1)  # the next read is split by the protocol itself
+        writer.write(frame)
+        await writer.drain()
+        data = b""
+        with contextlib.suppress(ConnectionError):
+            while chunk := await asyncio.wait_for(reader.read(65536), 5):
+                data += chunk
+        protocol.receive_data(data)
+        closes = [e for e in protocol.events_received() if e.opcode is Opcode.CLOSE]
+        server.wait_done()
+        writer.close()
+    finally:
+        server.stop()
+
+    assert server.pushed == ["fine"]
+    assert closes and int.from_bytes(bytes(closes[0].data)[:2], "big") == code
