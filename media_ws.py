@@ -58,6 +58,11 @@ class MediaStreamProtocol(WebSocketsSansIOProtocol):
     _framing = False  # splitting frames here (subscribed, and websockets was between frames)
     _partial = b""  # the start of a frame not yet whole
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._sink = None  # the sink's call holds the app's side: no cycle left to collect
+        self._partial = b""
+        super().connection_lost(exc)
+
     def data_received(self, data: bytes) -> None:
         if not self._framing:
             super().data_received(data)

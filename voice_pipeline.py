@@ -7,7 +7,8 @@ the small protocols below; never FastAPI, SQLAlchemy or a concrete vendor.
 Per call, one `asyncio.TaskGroup` runs the long-lived loops::
 
     _receive_loop   Twilio messages -> STT and VAD buffers (no task switch per frame),
-                    marks, DTMF, stop
+                    marks, DTMF, stop; under `media_ws` the messages are pushed to the
+                    call as they are read and this loop only waits for the end
     _inbound_loop   woken when a batch of STT audio or a VAD window awaits: sends the
                     audio, runs Silero, barge-in pause, Finalize on end of speech
     _stt_loop       transcripts -> end of turn, barge-in confirm/resume
