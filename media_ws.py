@@ -36,7 +36,7 @@ try:
 except ImportError:  # pragma: no cover - the wheel ships the C extension
     from websockets.utils import apply_mask
 
-log = logging.getLogger("aisdr.media_ws")
+log = logging.getLogger("ai_sdr.media_ws")
 
 TEXT_SINK = "aisdr.text_sink"
 

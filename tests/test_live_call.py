@@ -288,7 +288,8 @@ async def test_ollama_error_speaks_the_fallback_and_the_call_goes_on(tmp_path, l
 
 
 @BOTH_PROTOCOLS
-async def test_malformed_frames_are_survived(tmp_path, ws_protocol):
+async def test_malformed_frames_are_survived(tmp_path, ws_protocol, caplog):
+    caplog.set_level(logging.INFO, logger="ai_sdr")
     with LiveStack(tmp_path, ws_protocol=ws_protocol) as stack:
         await stack.create_agent()
         call_id = await stack.answer_inbound("CA" + "f" * 32)
@@ -322,6 +323,9 @@ async def test_malformed_frames_are_survived(tmp_path, ws_protocol):
     assert call["ended_reason"] == "customer-ended-call"
     # not JSON, not an object, bad base64, oversize; unknown events are ignored silently
     assert "aisdr_malformed_messages_total 4.0" in metrics
+    # a deployment on plain uvicorn is told how to get the faster path
+    told = "start uvicorn with --ws media_ws:MediaStreamProtocol" in caplog.text
+    assert told == (ws_protocol is not None)
 
 
 async def test_media_stream_with_a_forged_signature_is_closed_1008(tmp_path):
