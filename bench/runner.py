@@ -136,6 +136,8 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
         placed = await run_load(stack, plan)
     load_end = time.monotonic()
     outcomes = [o for o in placed if not o.refused]
+    at_hangup = stack.server_sample()
+    settle_s = await settle(stack, idle_rate)
     after = await take_readings(stack)
     await fetch_details(stack, outcomes)
     timings = await emulator_timings(stack, load_start, load_end)
@@ -143,6 +145,8 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
     calls["refused"] = len(placed) - len(outcomes)
     result = _figures(outcomes, script, providers, calls)
     result["resources"] = resources(before, after, sampler, idle_rate, calls)
+    result["resources"]["settle_s"] = round(settle_s, 1)
+    result["resources"]["after_hangup_cpu_s"] = round(_cpu_delta(at_hangup, after.server), 2)
     result["emulator_floor"] = floor  # before evaluate(): the net overhead needs it
     result["emulator_lateness"] = report.lateness_figures(timings)
     result["server"]["overhead_net_of_emulator_lateness"] = report.overhead_net_of_lateness(
@@ -185,6 +189,27 @@ def resources(
         "other_processes_cpu_s": round(busy / CLOCK_TICKS - server_cpu - emulators - generator, 1),
         "wall_s": round(wall_s, 1),
     }
+
+
+SETTLE_STEP_S = 0.5
+SETTLE_MAX_S = 30.0
+
+
+async def settle(stack: BenchStack, idle_rate: float) -> float:
+    """Wait until the service has finished what the calls left it (the last calls' final
+    writes, post-call analysis, webhooks): its CPU rate over half a second back within
+    0.05 CPU-s/s of idle, at most 30 s. The load's CPU then includes that work. Returns
+    the seconds waited."""
+    started = time.monotonic()
+    last = stack.server_sample()
+    while time.monotonic() - started < SETTLE_MAX_S:
+        await asyncio.sleep(SETTLE_STEP_S)
+        now = stack.server_sample()
+        rate = (now.cpu_s - last.cpu_s) / max(now.at - last.at, 1e-6)
+        last = now
+        if rate <= idle_rate + 0.05:
+            break
+    return time.monotonic() - started
 
 
 async def idle_cpu_rate(stack: BenchStack, seconds: float = 3.0) -> float:
