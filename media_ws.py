@@ -141,10 +141,10 @@ class MediaStreamProtocol(WebSocketsSansIOProtocol):
         self._sink = sink
         for message in pending:
             text = message.get("text") if message["type"] == "websocket.receive" else None
-            if isinstance(text, str):
-                self._deliver(text)
-            else:
+            if not isinstance(text, str):
                 self.queue.put_nowait(message)
+            elif self._sink is not None:  # None once a message before it made the sink raise
+                self._deliver(text)
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()

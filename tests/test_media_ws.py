@@ -243,3 +243,28 @@ async def test_a_bad_frame_after_the_takeover_closes_with_the_right_code(
 
     assert server.pushed == ["fine"]
     assert closes and int.from_bytes(bytes(closes[0].data)[:2], "big") == code
+
+
+async def test_a_sink_that_raises_on_a_queued_message_drops_the_rest_and_fails_1011() -> None:
+    """Two messages queued before the subscription (one read): the first makes the sink
+    raise; the second is not delivered, and the app still sees the disconnect."""
+    server = SinkServer(before=0, settle_s=0.3, fail_on="boom").start()
+    try:
+        protocol, reader, writer = await _raw_client(server.ws_url + "/media")
+        protocol.send_text(b"boom")
+        protocol.send_text(b"after")
+        writer.write(b"".join(protocol.data_to_send()))  # one write: one read, both queued
+        data = b""
+        with contextlib.suppress(ConnectionError):
+            while chunk := await asyncio.wait_for(reader.read(65536), 5):
+                data += chunk
+        protocol.receive_data(data)
+        closes = [e for e in protocol.events_received() if e.opcode is Opcode.CLOSE]
+        server.wait_done()
+        writer.close()
+    finally:
+        server.stop()
+
+    assert server.pushed == []
+    assert closes and int.from_bytes(bytes(closes[0].data)[:2], "big") == 1011
+    assert server.received[-1]["type"] == "websocket.disconnect"
