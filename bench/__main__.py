@@ -35,7 +35,7 @@ SWEEP_TARGETS = {
 }
 """What bounds N in a sweep: the call still works (every frame heard, barge-in on time, no
 false interruption, smooth playout). Latency budgets and per-core capacity are reported for
-every step but not used: on this machine they are missed at any N (see BENCHMARKS.md)."""
+every step but do not bound N (see BENCHMARKS.md)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
