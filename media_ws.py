@@ -102,8 +102,12 @@ class MediaStreamProtocol(WebSocketsSansIOProtocol):
 
     def _text_frame(self, buf: bytes, pos: int, header: int, size: int) -> None:
         mask = buf[pos + header - 4 : pos + header]
+        self._deliver_bytes(apply_mask(buf[pos + header : pos + size], mask))
+
+    def _deliver_bytes(self, data: bytes) -> None:
+        """A whole text message's payload to the sink; not UTF-8 closes with 1007."""
         try:
-            text = apply_mask(buf[pos + header : pos + size], mask).decode()
+            text = data.decode()
         except UnicodeDecodeError:
             log.warning("media stream: invalid UTF-8 in a text message; closing (1007)")
             self.conn.fail(1007, "invalid UTF-8")
@@ -156,14 +160,7 @@ class MediaStreamProtocol(WebSocketsSansIOProtocol):
             return
         data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
         self.frames = []
-        try:
-            text = data.decode()
-        except UnicodeDecodeError:
-            log.warning("media stream: invalid UTF-8 in a text message; closing (1007)")
-            self.conn.send_close(1007)
-            self.handle_parser_exception()
-            return
-        self._deliver(text)
+        self._deliver_bytes(data)
 
     def _deliver(self, text: str) -> None:
         assert self._sink is not None

@@ -90,9 +90,7 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await receive()  # websocket.connect
     await send({"type": "websocket.accept"})
     while (message := await receive())["type"] == "websocket.receive":
-        media = orjson.loads(message["text"]).get("media")
-        if media:
-            base64.b64decode(media["payload"])
+        _on_text(message["text"])
 
 
 def _on_text(text: str) -> None:

@@ -149,6 +149,17 @@ async def _raw_client(url: str) -> tuple[Any, asyncio.StreamReader, asyncio.Stre
     return protocol, reader, writer
 
 
+async def _close_code(protocol: Any, reader: asyncio.StreamReader) -> int | None:
+    """Read until the server closes the socket; the code of its close frame, if any."""
+    data = b""
+    with contextlib.suppress(ConnectionError):
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            data += chunk
+    protocol.receive_data(data)
+    closes = [e for e in protocol.events_received() if e.opcode is Opcode.CLOSE]
+    return int.from_bytes(bytes(closes[0].data)[:2], "big") if closes else None
+
+
 async def test_frames_cut_anywhere_mixed_with_control_and_fragmented_frames() -> None:
     """Whole text frames take the protocol's own framing; the rest go whole to websockets.
     Cut into reads of 1 to 700 bytes, every message still arrives once, in order. (Before
@@ -230,19 +241,14 @@ async def test_a_bad_frame_after_the_takeover_closes_with_the_right_code(
         await asyncio.sleep(0.1)  # the next read is split by the protocol itself
         writer.write(frame)
         await writer.drain()
-        data = b""
-        with contextlib.suppress(ConnectionError):
-            while chunk := await asyncio.wait_for(reader.read(65536), 5):
-                data += chunk
-        protocol.receive_data(data)
-        closes = [e for e in protocol.events_received() if e.opcode is Opcode.CLOSE]
+        close_code = await _close_code(protocol, reader)
         server.wait_done()
         writer.close()
     finally:
         server.stop()
 
     assert server.pushed == ["fine"]
-    assert closes and int.from_bytes(bytes(closes[0].data)[:2], "big") == code
+    assert close_code == code
 
 
 async def test_a_sink_that_raises_on_a_queued_message_drops_the_rest_and_fails_1011() -> None:
@@ -254,17 +260,12 @@ async def test_a_sink_that_raises_on_a_queued_message_drops_the_rest_and_fails_1
         protocol.send_text(b"boom")
         protocol.send_text(b"after")
         writer.write(b"".join(protocol.data_to_send()))  # one write: one read, both queued
-        data = b""
-        with contextlib.suppress(ConnectionError):
-            while chunk := await asyncio.wait_for(reader.read(65536), 5):
-                data += chunk
-        protocol.receive_data(data)
-        closes = [e for e in protocol.events_received() if e.opcode is Opcode.CLOSE]
+        close_code = await _close_code(protocol, reader)
         server.wait_done()
         writer.close()
     finally:
         server.stop()
 
     assert server.pushed == []
-    assert closes and int.from_bytes(bytes(closes[0].data)[:2], "big") == 1011
+    assert close_code == 1011
     assert server.received[-1]["type"] == "websocket.disconnect"
