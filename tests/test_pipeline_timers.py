@@ -24,9 +24,11 @@ def test_a_wait_is_lengthened_to_the_next_grid_point(delay: float, grid: float, 
 async def test_two_calls_timers_wake_the_loop_together() -> None:
     """Two watchdog waits started at different moments end at the same instant."""
     loop = asyncio.get_running_loop()
-    first = loop.time() + _on_grid(WATCHDOG_S / 2, WATCHDOG_S)
+    now = loop.time()  # one reading per wait: two could straddle a pause of a busy machine
+    first = now + _on_grid(WATCHDOG_S / 2, WATCHDOG_S, now)
     await asyncio.sleep(0.013)
-    second = loop.time() + _on_grid(WATCHDOG_S / 2, WATCHDOG_S)
+    now = loop.time()
+    second = now + _on_grid(WATCHDOG_S / 2, WATCHDOG_S, now)
     assert second - first == pytest.approx(0.0, abs=1e-4) or second - first == pytest.approx(
         WATCHDOG_S, abs=1e-4
     )
