@@ -207,6 +207,11 @@ async def _all_settled(client: httpx.AsyncClient, count: int) -> list[dict] | No
     return rows if settled else None
 
 
+async def _settled_detail(client: httpx.AsyncClient, event_id: str) -> dict | None:
+    detail = (await client.get(f"/v1/webhook-deliveries/{event_id}")).json()
+    return detail if detail["status"] in ("delivered", "failed") else None
+
+
 # --- restarts -------------------------------------------------------------------------------
 
 
@@ -265,7 +270,9 @@ async def test_redeliver_sends_the_same_event_again(tmp_path):
             assert response.status_code == 202, response.text
             assert response.json()["status"] == "pending"
             await eventually(lambda: len(receiver.received) == 3)
-            detail = (await client.get(f"/v1/webhook-deliveries/{failed['id']}")).json()
+            # The receiver sees the POST before the service records its outcome: wait for
+            # the record to settle rather than read it the moment the request lands.
+            detail = await eventually(lambda: _settled_detail(client, failed["id"]))
             missing = await client.post("/v1/webhook-deliveries/evt_nope/redeliver")
     assert receiver.received[2]["headers"]["x-webhook-id"] == failed["id"]
     assert receiver.received[2]["body"] == receiver.received[0]["body"]
