@@ -154,8 +154,8 @@ def emulator_config(script: CallScript, providers: Providers) -> dict[str, Any]:
 
     STT: the emulator sends a final `stt_final_delay_ms` after its own endpointing, or
     `finalize_delay_ms` after the pipeline's Finalize (sent once Silero VAD has heard
-    250 ms of silence), whichever comes first; both are set to the STT figure, so the
-    provider's share is the same on either path.
+    `EARLY_FINALIZE_MS`, 96 ms, of silence), whichever comes first; both are set to the
+    STT figure, so the provider's share is the same on either path.
     """
     return {
         "deepgram": {
