@@ -201,15 +201,19 @@ async def test_retries_stop_after_the_retry_period(tmp_path):
     assert len(receiver.received) == sum(r["attempts"] for r in rows)
 
 
+SETTLED = ("delivered", "failed")
+"""Delivery statuses no attempt will change any more."""
+
+
 async def _all_settled(client: httpx.AsyncClient, count: int) -> list[dict] | None:
     rows = await deliveries(client)
-    settled = len(rows) == count and all(r["status"] in ("delivered", "failed") for r in rows)
+    settled = len(rows) == count and all(r["status"] in SETTLED for r in rows)
     return rows if settled else None
 
 
 async def _settled_detail(client: httpx.AsyncClient, event_id: str) -> dict | None:
     detail = (await client.get(f"/v1/webhook-deliveries/{event_id}")).json()
-    return detail if detail["status"] in ("delivered", "failed") else None
+    return detail if detail["status"] in SETTLED else None
 
 
 # --- restarts -------------------------------------------------------------------------------
