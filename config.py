@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     EARLY_ANSWERS: bool = True
     DEEPGRAM_UTTERANCE_END_MS: int = 1000
     DEEPGRAM_TTS_VOICE: str = "aura-2-thalia-en"
+    DEEPGRAM_TTS_TRANSPORT: Literal["websocket", "rest"] = "websocket"
+    DEEPGRAM_TTS_SOCKETS: int = Field(default=64, ge=1)
 
     # --- Ollama -------------------------------------------------------------------------
     OLLAMA_HOST: str = "http://127.0.0.1:11434"

@@ -35,7 +35,7 @@ from post_call import PostCall
 from stt_deepgram import DeepgramSTT, StreamPolicy
 from telephony import TwilioGateway
 from tools import AgentTools
-from tts_deepgram import DeepgramTTS
+from tts_deepgram import build_tts
 from vad import SileroModel, shared_batcher
 from voice_pipeline import CallManager, PipelineDeps
 
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         twilio = TwilioGateway(
             settings.TWILIO_ACCOUNT_SID, settings.TWILIO_AUTH_TOKEN, settings.TWILIO_API_BASE_URL
         )
-        llm, tts = OllamaLLM(settings), DeepgramTTS(settings)
+        llm, tts = OllamaLLM(settings), build_tts(settings)
         post_call = PostCall(settings, database.sessionmaker, llm, twilio)
         app.state.post_call, app.state.call_hook = post_call, post_call.hook
         store = SqlCallStore(

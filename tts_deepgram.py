@@ -1,6 +1,8 @@
-"""Deepgram text-to-speech: `providers.TTSProvider` on deepgram-sdk 7.x REST streaming.
+"""Deepgram text-to-speech: `providers.TTSProvider` on deepgram-sdk 7.x, over the speak
+WebSocket (`DeepgramStreamingTTS`, the default) or REST streaming (`DeepgramTTS`), chosen by
+DEEPGRAM_TTS_TRANSPORT (`build_tts`).
 
-Role: `DeepgramTTS.synthesize()` streams raw mu-law 8 kHz chunks (`container=none`, so no WAV
+REST: `DeepgramTTS.synthesize()` streams raw mu-law 8 kHz chunks (`container=none`, so no WAV
 header reaches Twilio) as they arrive. One retry when a request fails before any audio was
 yielded; failures after audio started, or a second failure, raise `TTSError`. Closing the
 generator (barge-in) closes the HTTP response.
@@ -10,14 +12,19 @@ Must not import FastAPI, SQLAlchemy or voice_pipeline.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
-from typing import cast
+from collections import deque
+from collections.abc import AsyncGenerator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import httpx
 from deepgram.core.api_error import ApiError
 from deepgram.core.parse_error import ParsingError
+from deepgram.speak.v1.types import SpeakV1Text
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from config import Settings
 from providers import TTSError, provider_http_options
@@ -72,6 +79,12 @@ class DeepgramTTS:
         return cast(AsyncGenerator[bytes, None], chunks)
 
 
+def build_tts(settings: Settings) -> DeepgramTTS | DeepgramStreamingTTS:
+    if settings.DEEPGRAM_TTS_TRANSPORT == "rest":
+        return DeepgramTTS(settings)
+    return DeepgramStreamingTTS(settings)
+
+
 def _retriable(exc: Exception) -> bool:
     if isinstance(exc, ApiError):
         status = exc.status_code or 0
@@ -83,4 +96,265 @@ def _describe(exc: Exception) -> str:
     """Status or error class only: ApiError's str() carries headers and the body."""
     if isinstance(exc, ApiError):
         return f"HTTP {exc.status_code}"
+    return type(exc).__name__
+
+
+# --- the speak WebSocket ---------------------------------------------------------------------
+
+_WS_ERRORS = (WebSocketException, OSError, TimeoutError)
+_REJECTED_UPGRADE = {400, 401, 402, 403, 404}
+"""Upgrade statuses that a retry will not fix."""
+_RETRIABLE_CLOSE = {1001, 1006, 1011, 1012, 1013, 1014}
+"""Close codes after which the same text may be spoken on another socket."""
+
+
+@dataclass(eq=False)
+class _SpeakSocket:
+    """One open speak WebSocket: the SDK's socket client and the stack that closes it."""
+
+    voice: str
+    conn: Any
+    stack: contextlib.AsyncExitStack
+    flushes: deque[float] = field(default_factory=deque)
+
+    @property
+    def closed(self) -> bool:
+        raw = getattr(self.conn, "_websocket", None)
+        return raw is not None and getattr(raw, "close_code", None) is not None
+
+    def has_flush_room(self, now: float, limit: int, window_s: float) -> bool:
+        while self.flushes and now - self.flushes[0] >= window_s:
+            self.flushes.popleft()
+        return len(self.flushes) < limit
+
+
+class DeepgramStreamingTTS:
+    """`TTSProvider` over the speak WebSocket (PROTOCOLS B5): each chunk of an answer is one
+    `Speak` + `Flush` on an open socket, its audio read until the matching `Flushed`.
+
+    Against REST this saves the HTTP request per chunk (the SDK, httpx and aiohttp): about
+    1.6 ms to the first audio byte at idle here, which is most of the TTS share of the
+    pipeline overhead (BENCHMARKS.md, tenth round).
+
+    Sockets are pooled per voice and serve one request at a time, the most recently used
+    first. Deepgram allows `flush_limit` flushes per `flush_window_s` on a socket, so a
+    socket that has used them rests and another one serves. At most `max_sockets` are open
+    (Deepgram's concurrency limit counts them); a request that finds none free goes over
+    REST (`DeepgramTTS`), as does nothing else.
+
+    A request whose generator is closed before its `Flushed` (a barge-in) leaves the socket
+    with a `Clear` sent in the background; the socket rejoins the pool after its `Cleared`,
+    or is closed. Failures before any audio: a pooled socket found closed is replaced, and
+    one that dies at its request without an error close (the server may close idle sockets)
+    is replaced once for free; then one retry on a new
+    socket for upgrade failures of 5xx/429, retriable close codes and timeouts; failures
+    after audio started, or a second one, raise `TTSError`. Call `aclose()` at exit.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        timeout_s: float = 10.0,
+        connect_timeout_s: float = 3.0,
+        retries: int = 1,
+        max_sockets: int | None = None,
+        flush_limit: int = 20,
+        flush_window_s: float = 60.0,
+    ) -> None:
+        self._client = build_deepgram_client(settings)
+        self._rest = DeepgramTTS(settings, timeout_s=timeout_s, retries=retries)
+        self._timeout_s, self._connect_timeout_s = timeout_s, connect_timeout_s
+        self._retries = retries
+        self._max_sockets = settings.DEEPGRAM_TTS_SOCKETS if max_sockets is None else max_sockets
+        self._flush_limit, self._flush_window_s = flush_limit, flush_window_s
+        self._idle: dict[str, list[_SpeakSocket]] = {}
+        self._open = 0
+        self._background: set[asyncio.Task[None]] = set()
+        self.rest_fallbacks = 0
+        """Requests sent over REST because every socket was busy or out of flushes."""
+
+    @property
+    def open_sockets(self) -> int:
+        return self._open
+
+    async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        idle = [sock for socks in self._idle.values() for sock in socks]
+        self._idle.clear()
+        await asyncio.gather(*(self._close(sock) for sock in idle), return_exceptions=True)
+        await self._rest.aclose()
+
+    async def synthesize(self, text: str, *, voice: str) -> AsyncGenerator[bytes, None]:
+        if not text.strip():
+            return
+        attempt, free_replacement = 0, True
+        while True:
+            sock = self._take_idle(voice)
+            reused = sock is not None
+            if sock is None:
+                if self._open >= self._max_sockets:
+                    self.rest_fallbacks += 1
+                    async with contextlib.aclosing(self._rest.synthesize(text, voice=voice)) as c:
+                        async for chunk in c:
+                            yield chunk
+                    return
+                try:
+                    sock = await self._connect(voice)
+                except (ApiError, *_WS_ERRORS) as exc:
+                    if attempt >= self._retries or not _retriable_ws(exc):
+                        raise TTSError(f"deepgram speak failed: {_describe_ws(exc)}") from exc
+                    attempt += 1
+                    log.warning("deepgram speak socket failed (%s); retrying", _describe_ws(exc))
+                    continue
+            started, held = False, True
+            try:
+                async with contextlib.aclosing(self._speak_on(sock, text)) as chunks:
+                    async for chunk in chunks:
+                        started = True
+                        yield chunk
+                held = False
+                self._put_idle(sock)
+                return
+            except _WS_ERRORS as exc:
+                held = False
+                self._spawn(self._close(sock))
+                reason = _describe_ws(exc)
+                if started:
+                    raise TTSError(f"deepgram speak failed: {reason}") from exc
+                if reused and free_replacement and _went_away(exc):
+                    free_replacement = False  # it died idle, not of this request
+                    continue
+                if attempt >= self._retries or not _retriable_ws(exc):
+                    raise TTSError(f"deepgram speak failed: {reason}") from exc
+                attempt += 1
+                log.warning("deepgram speak socket failed (%s); retrying", reason)
+            finally:
+                if held:  # closed or cancelled mid-request: clear the socket, then reuse it
+                    self._spawn(self._clear_and_return(sock))
+
+    # --- pool -----------------------------------------------------------------------------
+
+    def _take_idle(self, voice: str) -> _SpeakSocket | None:
+        idle = self._idle.get(voice)
+        if not idle:
+            return None
+        now = asyncio.get_running_loop().time()
+        for i in range(len(idle) - 1, -1, -1):
+            sock = idle[i]
+            if sock.closed:
+                del idle[i]
+                self._spawn(self._close(sock))
+            elif sock.has_flush_room(now, self._flush_limit, self._flush_window_s):
+                del idle[i]
+                return sock
+        return None
+
+    def _put_idle(self, sock: _SpeakSocket) -> None:
+        if sock.closed:
+            self._spawn(self._close(sock))
+        else:
+            self._idle.setdefault(sock.voice, []).append(sock)
+
+    async def _connect(self, voice: str) -> _SpeakSocket:
+        stack = contextlib.AsyncExitStack()
+        self._open += 1
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                conn = await stack.enter_async_context(
+                    self._client.speak.v1.connect(
+                        model=voice, encoding="mulaw", sample_rate=SAMPLE_RATE
+                    )
+                )
+        except BaseException:
+            self._open -= 1
+            await stack.aclose()
+            raise
+        return _SpeakSocket(voice=voice, conn=conn, stack=stack)
+
+    async def _close(self, sock: _SpeakSocket) -> None:
+        self._open -= 1
+        with contextlib.suppress(Exception):
+            await sock.stack.aclose()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _clear_and_return(self, sock: _SpeakSocket) -> None:
+        """Drop what the socket still has to say (`Clear`), read up to its `Cleared`, and
+        put it back in the pool; close it if that fails or takes too long."""
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                await sock.conn.send_clear()
+                while _kind(await sock.conn.recv()) != "Cleared":
+                    pass
+        except (asyncio.CancelledError, Exception):
+            await self._close(sock)
+            return
+        self._put_idle(sock)
+
+    # --- one request ----------------------------------------------------------------------
+
+    async def _speak_on(self, sock: _SpeakSocket, text: str) -> AsyncGenerator[bytes, None]:
+        conn = sock.conn
+        await conn.send_text(SpeakV1Text(text=text))
+        await conn.send_flush()
+        sock.flushes.append(asyncio.get_running_loop().time())
+        while True:
+            async with asyncio.timeout(self._timeout_s):
+                message = await conn.recv()
+            if isinstance(message, bytes | bytearray):
+                yield bytes(message)
+                continue
+            kind = _kind(message)
+            if kind == "Flushed":
+                return
+            if kind == "Warning":
+                log.warning("deepgram speak warning: %s", _field(message, "code") or "?")
+
+
+def _kind(message: Any) -> str | None:
+    """A speak message's type. `Cleared` parses into the SDK's Flushed model (PROTOCOLS
+    B6), so only the `type` field tells them apart."""
+    if isinstance(message, bytes | bytearray):
+        return None
+    return _field(message, "type")
+
+
+def _field(message: Any, name: str) -> Any:
+    if isinstance(message, dict):
+        return message.get(name)
+    return getattr(message, name, None)
+
+
+def _close_code(exc: BaseException) -> int | None:
+    received = getattr(exc, "rcvd", None)
+    return getattr(received, "code", None) if received is not None else None
+
+
+def _went_away(exc: BaseException) -> bool:
+    """The socket ended without blaming the request: no close frame, or a normal or
+    going-away close."""
+    return isinstance(exc, ConnectionClosed) and _close_code(exc) in (None, 1000, 1001)
+
+
+def _retriable_ws(exc: BaseException) -> bool:
+    if isinstance(exc, ApiError):
+        status = exc.status_code or 0
+        return status not in _REJECTED_UPGRADE and (status >= 500 or status in _RETRIABLE_STATUS)
+    if isinstance(exc, ConnectionClosed):
+        code = _close_code(exc)
+        return code is None or code in _RETRIABLE_CLOSE
+    return True  # transport errors and timeouts
+
+
+def _describe_ws(exc: BaseException) -> str:
+    if isinstance(exc, ApiError):
+        return f"HTTP {exc.status_code}"
+    if isinstance(exc, ConnectionClosed):
+        return f"socket closed ({_close_code(exc) or 'no close frame'})"
     return type(exc).__name__

@@ -9,7 +9,8 @@ latency, in order, as a real service would.
 
 Speak returns a clearly non-silent tone of `tts_ms_per_char` per character of text. Each
 REST speak request's timing (received, first audio byte written, configured
-`tts_first_byte_ms`) is served at `GET /emulator/timings` as `{"tts": [...]}` (see
+`tts_first_byte_ms`; a WebSocket flush is timed from its Flush) is served at
+`GET /emulator/timings` as `{"tts": [...]}` (see
 `emulators.base.timings_route`).
 
 Must not import project modules other than utils.
@@ -167,9 +168,9 @@ class SpeakRecord:
     status: int = 200
     audio_bytes: int = 0
     cancelled: bool = False
-    # timing, REST only (None for the WebSocket, and for a request that sent no audio)
+    # timing (None for a request that sent no audio)
     received: float | None = None
-    """`time.monotonic()` once the request body was read."""
+    """`time.monotonic()` once the request body was read (REST) or its Flush arrived (ws)."""
     first: float | None = None
     """`time.monotonic()` once the first audio chunk was handed to the transport."""
     configured_ms: float | None = None
@@ -625,6 +626,10 @@ def _timed_words(words: list[str], start: float, end: float) -> list[dict[str, A
 # --- speak websocket -------------------------------------------------------------------------
 
 
+class _SessionOver(Exception):
+    """A speak fault ended the socket."""
+
+
 class _SpeakSession:
     """One `/v1/speak` WebSocket: text is buffered until Flush; each flush is synthesised in
     order by a worker task; Clear drops buffered text and any audio not yet sent."""
@@ -632,7 +637,7 @@ class _SpeakSession:
     def __init__(self, emu: DeepgramEmulator, ws: WebSocket, fmt: AudioFormat, query: dict):
         self.emu, self.ws, self.fmt, self.query = emu, ws, fmt, query
         self.buffer: list[str] = []
-        self.jobs: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        self.jobs: asyncio.Queue[tuple[int, str, float]] = asyncio.Queue()
         self.sequence = 0
         self.worker: asyncio.Task | None = None
 
@@ -662,7 +667,7 @@ class _SpeakSession:
         if kind == "Speak":
             self.buffer.append(str(data.get("text", "")))
         elif kind == "Flush":
-            self.jobs.put_nowait((self.sequence, "".join(self.buffer)))
+            self.jobs.put_nowait((self.sequence, "".join(self.buffer), time.monotonic()))
             self.sequence += 1
             self.buffer.clear()
         elif kind == "Clear":
@@ -687,22 +692,40 @@ class _SpeakSession:
 
     async def _work(self) -> None:
         while True:
-            sequence, text = await self.jobs.get()
+            sequence, text, received = await self.jobs.get()
             try:
-                await self._speak(sequence, text)
+                await self._speak(sequence, text, received)
+            except _SessionOver:
+                return  # the socket is closed or dropped: the receive loop sees it end
             finally:
                 self.jobs.task_done()
 
-    async def _speak(self, sequence: int, text: str) -> None:
-        record = SpeakRecord(text=text, transport="ws", query=self.query, time=time.time())
+    async def _speak(self, sequence: int, text: str, received: float) -> None:
+        record = SpeakRecord(
+            text=text, transport="ws", query=self.query, time=time.time(), received=received
+        )
         self.emu.record_speak(record)
+        failure, drop_after = self.emu.next_speak_fault()
+        if failure is not None:
+            # A server error ends the socket (1011, retry may help); a rejected request
+            # (4xx) closes it as a policy violation (1008).
+            record.status = failure[0]
+            code = 1011 if failure[0] >= 500 else 1008
+            await self.ws.close(code, f"{failure[0]}: {failure[1]}"[:120])
+            raise _SessionOver
+        record.configured_ms = self.emu.config.tts_first_byte_ms
         try:
-            async for chunk in self.emu.speak_audio(text, self.fmt):
+            async for chunk in self.emu.speak_audio(text, self.fmt, drop_after=drop_after):
                 await self.ws.send_bytes(chunk)
+                if record.first is None:
+                    record.first = time.monotonic()
                 record.audio_bytes += len(chunk)
         except asyncio.CancelledError:
             record.cancelled = True
             raise
+        except AbortConnection:
+            abort_connection(self.ws.scope)
+            raise _SessionOver from None
         await self.ws.send_json({"type": "Flushed", "sequence_id": sequence})
 
 
@@ -714,9 +737,10 @@ class DeepgramEmulator(ThreadedServer):
 
     Recorded (copies): `listen_connections` (ListenRecord per connection, in order),
     `speak_requests` (SpeakRecord, the last RECORDS_KEPT), counters `listen_connects`,
-    `listen_refused`; over HTTP, `GET /emulator/timings` (REST speak requests).
+    `listen_refused`, `speak_connects` (speak WebSockets accepted); over HTTP,
+    `GET /emulator/timings` (speak requests and flushes).
     Faults: `drop_listen_connections()`, `refuse_listen()`, `fail_next_speak()`,
-    `drop_next_speak()`.
+    `drop_next_speak()`, `drop_speak_connections()`.
     """
 
     name = "deepgram"
@@ -741,6 +765,8 @@ class DeepgramEmulator(ThreadedServer):
         self._refuse_status = 503
         self.listen_connects = 0
         self.listen_refused = 0
+        self.speak_connects = 0
+        self._speak_live: dict[int, Scope] = {}
 
     # --- recorded state -----------------------------------------------------------------
 
@@ -767,6 +793,14 @@ class DeepgramEmulator(ThreadedServer):
     def record_speak(self, record: SpeakRecord) -> None:
         with self.lock:
             self._speak.append(record)
+
+    def next_speak_fault(self) -> tuple[tuple[int, str] | None, int | None]:
+        """The fault armed for the next speak request, REST or WebSocket: a failure
+        (status, message) and/or a drop after that many audio bytes."""
+        with self.lock:
+            failure = self._speak_failures.popleft() if self._speak_failures else None
+            drop_after = self._speak_drops.popleft() if self._speak_drops else None
+        return failure, drop_after
 
     def set_listen_script(self, lines: list[str], tag: str | None = None) -> None:
         """Script for connections opened from now on (all, or those tagged `tag`)."""
@@ -808,6 +842,17 @@ class DeepgramEmulator(ThreadedServer):
 
         return self.run_in_loop(drop())
 
+    def drop_speak_connections(self) -> int:
+        """Abort every open speak WebSocket at the TCP level, the way a server that closes
+        idle sockets or a network drop looks to the client. Returns the number dropped."""
+
+        async def drop() -> int:
+            with self.lock:
+                live = list(self._speak_live.values())
+            return sum(abort_connection(scope) for scope in live)
+
+        return self.run_in_loop(drop())
+
     def refuse_listen(self, seconds: float, status: int = 503) -> None:
         """Reject listen upgrades with HTTP `status` for the next `seconds`."""
         with self.lock:
@@ -815,13 +860,15 @@ class DeepgramEmulator(ThreadedServer):
             self._refuse_status = status
 
     def fail_next_speak(self, count: int = 1, status: int = 500, message: str = "") -> None:
+        """The next `count` speak requests fail with `status`: a REST response with that
+        status, or (WebSocket) the socket closed at the flush, 1011 for 5xx else 1008."""
         with self.lock:
             for _ in range(count):
                 self._speak_failures.append((status, message or "Internal server error"))
 
     def drop_next_speak(self, count: int = 1, after_bytes: int = 3200) -> None:
-        """The next `count` REST speak responses send `after_bytes` of audio, then the TCP
-        connection is dropped."""
+        """The next `count` speak requests (REST responses, or WebSocket flushes) send
+        `after_bytes` of audio, then the TCP connection is dropped."""
         with self.lock:
             self._speak_drops.extend([after_bytes] * count)
 
@@ -899,7 +946,15 @@ class DeepgramEmulator(ThreadedServer):
             return
         fmt = AudioFormat(encoding, int(query.get("sample_rate") or _DEFAULT_RATE[encoding]))
         await ws.accept()
-        await _SpeakSession(self, ws, fmt, query).run()
+        with self.lock:
+            self.speak_connects += 1
+            key = self.speak_connects
+            self._speak_live[key] = ws.scope
+        try:
+            await _SpeakSession(self, ws, fmt, query).run()
+        finally:
+            with self.lock:
+                self._speak_live.pop(key, None)
 
     async def _speak_rest_endpoint(self, request: Request) -> Response | PacedResponse:
         if not self._authorized(request.headers):
@@ -921,9 +976,7 @@ class DeepgramEmulator(ThreadedServer):
         if not text.strip():
             record.status = 400
             return JSONResponse(_error_body("INVALID_TEXT", "Text must not be empty."), 400)
-        with self.lock:
-            failure = self._speak_failures.popleft() if self._speak_failures else None
-            drop_after = self._speak_drops.popleft() if self._speak_drops else None
+        failure, drop_after = self.next_speak_fault()
         if failure is not None:
             record.status = failure[0]
             return JSONResponse(_error_body("INTERNAL_SERVER_ERROR", failure[1]), failure[0])

@@ -45,7 +45,7 @@ from providers import (
 )
 from stt_deepgram import DeepgramStream, DeepgramSTT, StreamPolicy, _messages
 from tests.conftest import make_settings
-from tts_deepgram import DeepgramTTS
+from tts_deepgram import DeepgramStreamingTTS, DeepgramTTS
 from utils import mulaw_encode
 
 DG_KEY = "dg-test-key"
@@ -150,9 +150,25 @@ def dg_settings(tmp_path: Path, emulator: DeepgramEmulator, **overrides: object)
     return make_settings(tmp_path, **values)
 
 
+TTSAdapter = DeepgramTTS | DeepgramStreamingTTS
+
+
+@pytest.fixture(params=["rest", "ws"])
+async def tts(
+    request: pytest.FixtureRequest, tmp_path: Path, deepgram: DeepgramEmulator
+) -> AsyncIterator[TTSAdapter]:
+    """Each text-to-speech test runs on both transports, against the same emulator."""
+    settings = dg_settings(tmp_path, deepgram)
+    adapter: TTSAdapter = (
+        DeepgramTTS(settings) if request.param == "rest" else DeepgramStreamingTTS(settings)
+    )
+    yield adapter
+    await adapter.aclose()
+
+
 @pytest.fixture
-async def tts(tmp_path: Path, deepgram: DeepgramEmulator) -> AsyncIterator[DeepgramTTS]:
-    adapter = DeepgramTTS(dg_settings(tmp_path, deepgram))
+async def ws_tts(tmp_path: Path, deepgram: DeepgramEmulator) -> AsyncIterator[DeepgramStreamingTTS]:
+    adapter = DeepgramStreamingTTS(dg_settings(tmp_path, deepgram), max_sockets=2, flush_limit=3)
     yield adapter
     await adapter.aclose()
 
@@ -541,12 +557,16 @@ async def test_finished_provider_responses_are_freed_without_a_collection(
 # --- text to speech --------------------------------------------------------------------------
 
 
-async def synthesize(tts: DeepgramTTS, text: str) -> bytes:
+async def synthesize(tts: TTSAdapter, text: str, voice: str = "aura-2-thalia-en") -> bytes:
     audio = bytearray()
-    async with contextlib.aclosing(tts.synthesize(text, voice="aura-2-thalia-en")) as chunks:
+    async with contextlib.aclosing(tts.synthesize(text, voice=voice)) as chunks:
         async for chunk in chunks:
             audio += chunk
     return bytes(audio)
+
+
+def _transport(tts: TTSAdapter) -> str:
+    return "rest" if isinstance(tts, DeepgramTTS) else "ws"
 
 
 async def test_tts_streams_raw_mulaw(tts, deepgram):
@@ -555,13 +575,11 @@ async def test_tts_streams_raw_mulaw(tts, deepgram):
 
     assert len(audio) == expected_tts_bytes(text)
     (request,) = deepgram.speak_requests
-    assert request.query == {
-        "model": "aura-2-thalia-en",
-        "encoding": "mulaw",
-        "sample_rate": "8000",
-        "container": "none",
-    }
-    assert request.text == text
+    query = {"model": "aura-2-thalia-en", "encoding": "mulaw", "sample_rate": "8000"}
+    if _transport(tts) == "rest":
+        query["container"] = "none"  # the socket's audio is always raw
+    assert request.query == query
+    assert (request.text, request.transport) == (text, _transport(tts))
     assert not audio.startswith(b"RIFF")
 
 
@@ -575,14 +593,16 @@ async def test_tts_retries_once_before_audio(tts, deepgram):
 
 async def test_tts_two_failures_raise(tts, deepgram):
     deepgram.fail_next_speak(2, status=500)
-    with pytest.raises(TTSError, match="HTTP 500"):
+    expected = "HTTP 500" if _transport(tts) == "rest" else r"socket closed \(1011\)"
+    with pytest.raises(TTSError, match=expected):
         await synthesize(tts, "One moment please.")
     assert len(deepgram.speak_requests) == 2
 
 
 async def test_tts_client_errors_are_not_retried(tts, deepgram):
     deepgram.fail_next_speak(1, status=400)
-    with pytest.raises(TTSError, match="HTTP 400"):
+    expected = "HTTP 400" if _transport(tts) == "rest" else r"socket closed \(1008\)"
+    with pytest.raises(TTSError, match=expected):
         await synthesize(tts, "One moment please.")
     assert len(deepgram.speak_requests) == 1
 
@@ -610,6 +630,67 @@ async def test_tts_closing_the_generator_closes_the_stream(tts, deepgram):
 async def test_tts_blank_text_makes_no_request(tts, deepgram):
     assert await synthesize(tts, "  ") == b""
     assert deepgram.speak_requests == []
+
+
+async def test_tts_socket_is_reused_per_voice_and_rests_at_its_flush_limit(ws_tts, deepgram):
+    texts = [f"Sentence number {n}." for n in range(4)]
+    for text in texts:
+        assert len(await synthesize(ws_tts, text)) == expected_tts_bytes(text)
+    other = await synthesize(ws_tts, "Another voice.", voice="aura-2-zeus-en")
+
+    assert len(other) == expected_tts_bytes("Another voice.")
+    requests = deepgram.speak_requests
+    assert [r.transport for r in requests] == ["ws"] * 4 + ["rest"]
+    # three flushes on the first socket, then a second socket for the fourth; the third
+    # socket (a second voice) would pass max_sockets=2, so that request went over REST
+    assert ws_tts.open_sockets == 2 and ws_tts.rest_fallbacks == 1
+    assert requests[4].query["model"] == "aura-2-zeus-en"
+
+
+async def test_tts_interrupted_socket_is_cleared_and_serves_the_next_answer_whole(ws_tts, deepgram):
+    deepgram.config.tts_speed = 1.0
+    chunks = ws_tts.synthesize("This answer will be interrupted by the caller." * 3, voice="v")
+    async with contextlib.aclosing(chunks):
+        assert await anext(chunks)
+    await async_wait_until(lambda: deepgram.speak_requests[0].cancelled)
+    deepgram.config.tts_speed = 20.0
+
+    # the next answer on the same socket gets its own audio only, none of the cleared one
+    text = "Next answer."
+    assert len(await synthesize(ws_tts, text, voice="v")) == expected_tts_bytes(text)
+    assert ws_tts.open_sockets == 1
+    assert [r.cancelled for r in deepgram.speak_requests] == [True, False]
+
+
+async def test_tts_a_socket_the_server_dropped_while_idle_is_replaced(ws_tts, deepgram):
+    assert await synthesize(ws_tts, "First.")
+    # the client sees it closed when it next takes it, or when its Flush finds it dead
+    assert deepgram.drop_speak_connections() == 1
+    text = "Second, on a new socket."
+
+    assert len(await synthesize(ws_tts, text)) == expected_tts_bytes(text)
+    assert [r.status for r in deepgram.speak_requests] == [200, 200]
+    assert deepgram.speak_connects == 2 and ws_tts.open_sockets == 1
+
+
+async def test_tts_a_server_error_on_a_pooled_socket_counts_as_the_one_retry(ws_tts, deepgram):
+    assert await synthesize(ws_tts, "First.")
+    deepgram.fail_next_speak(2, status=503)
+
+    with pytest.raises(TTSError, match=r"socket closed \(1011\)"):
+        await synthesize(ws_tts, "Second.")
+    assert [r.status for r in deepgram.speak_requests] == [200, 503, 503]
+
+
+async def test_tts_socket_upgrade_rejected_raises_without_retry(tmp_path, deepgram):
+    deepgram.config.api_key = "another-key"
+    adapter = DeepgramStreamingTTS(dg_settings(tmp_path, deepgram))
+    try:
+        with pytest.raises(TTSError, match="HTTP 401"):
+            await synthesize(adapter, "Hello.")
+    finally:
+        await adapter.aclose()
+    assert adapter.open_sockets == 0
 
 
 # --- language model --------------------------------------------------------------------------
