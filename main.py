@@ -35,7 +35,7 @@ from post_call import PostCall
 from stt_deepgram import DeepgramSTT, StreamPolicy
 from telephony import TwilioGateway
 from tools import AgentTools
-from tts_deepgram import build_tts
+from tts_deepgram import DeepgramStreamingTTS, build_tts
 from vad import SileroModel, shared_batcher
 from voice_pipeline import CallManager, PipelineDeps
 
@@ -107,6 +107,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.MAX_CONCURRENT_CALLS, live=calls.active.keys
         )
         app.state.metrics.call_slots.set_function(admission.in_use)
+        if isinstance(tts, DeepgramStreamingTTS):
+            app.state.metrics.tts_sockets.set_function(lambda: tts.open_sockets)
+            app.state.metrics.tts_rest_fallbacks.set_function(lambda: tts.rest_fallbacks)
         await post_call.start()
         # Start-up loaded ~600k long-lived objects (torch, MiniLM, Chroma, Silero): move them
         # out of the collector's reach, or every full collection stalls all live calls for

@@ -81,6 +81,16 @@ class PipelineMetrics:
             "aisdr_malformed_messages", "Media stream messages that could not be used", registry=r
         )
 
+        self.tts_sockets = Gauge(
+            "aisdr_tts_sockets_open", "Deepgram speak WebSockets open (busy or pooled)", registry=r
+        )
+        self.tts_rest_fallbacks = Gauge(
+            "aisdr_tts_rest_fallback_requests",
+            "TTS requests sent over REST since start because every speak socket was busy or out"
+            " of flushes (DEEPGRAM_TTS_SOCKETS)",
+            registry=r,
+        )
+
         self.loop_lag = Histogram(
             "aisdr_event_loop_lag_seconds",
             "How late the event loop ran a timer, sampled every 0.25 s: what every live call's"

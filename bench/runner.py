@@ -29,6 +29,8 @@ from bench.stack import CLOCK_TICKS, BenchStack, ProcSample, proc_sample
 from bench.targets import evaluate
 
 DROPPED = "aisdr_inbound_frames_dropped_total"
+TTS_SOCKETS = "aisdr_tts_sockets_open"
+TTS_REST = "aisdr_tts_rest_fallback_requests"
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,10 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
         DROPPED, 0
     )
     result["loop_lag"] = report.loop_lag_figures(before.metrics, after.metrics)
+    result["tts_sockets"] = {  # the speak WebSocket pool, when the service uses it
+        "open_after": after.metrics.get(TTS_SOCKETS),
+        "rest_fallbacks": after.metrics.get(TTS_REST, 0) - before.metrics.get(TTS_REST, 0),
+    }
     result["run"] = {**asdict(config), "providers": asdict(providers), "cores": os.cpu_count()}
     result["targets"] = evaluate(result, providers, script)
     return result

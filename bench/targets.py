@@ -161,6 +161,12 @@ def table(report: dict[str, Any]) -> str:
             f"p99 <= {_cell(lag['p99_le_ms'])} ms, over 10 ms {_cell(lag['over_10ms_pct'])}%, "
             f"mean {_cell(lag['mean_ms'])} ms"
         )
+    pool = report.get("tts_sockets") or {}
+    if pool.get("open_after") is not None:
+        lines.append(
+            f"TTS speak sockets open after the load: {_cell(pool['open_after'])}, "
+            f"chunks sent over REST (no socket free): {_cell(pool['rest_fallbacks'])}"
+        )
     caller = report["caller"]
     lines.append(
         f"counters: inbound_frames_dropped={_cell(report['inbound_frames_dropped'])}, "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 
 import pytest
 import websockets
@@ -59,9 +60,15 @@ async def test_whole_call_greeting_two_exchanges_goodbye(tmp_path, lines, caplog
         call = await stack.call_detail(call_id)
         async with stack.api() as http:
             metrics = (await http.get("/metrics")).text
+        speak, speak_sockets = stack.deepgram.speak_requests, stack.deepgram.speak_connects
 
     assert result.ended_by == "server", result
     assert result.greeting_latency is not None and result.greeting_latency < 5
+    # every chunk went over the speak WebSocket pool (the default), none fell back to REST
+    assert len(speak) >= 4 and {r.transport for r in speak} == {"ws"}
+    assert "aisdr_tts_rest_fallback_requests 0.0" in metrics
+    pooled = re.search(r"^aisdr_tts_sockets_open (\S+)$", metrics, re.MULTILINE)
+    assert pooled is not None and 1 <= float(pooled.group(1)) <= speak_sockets
     assert call["ended_reason"] == "assistant-ended-call"
     assert call["status"] == "completed"
     turns = [(t["role"], t["text"]) for t in call["turns"]]
