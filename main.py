@@ -86,8 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             PipelineDeps(
                 # 200 ms per send (Deepgram asks for 20-250 ms): a tenth of the frames. The
                 # turn's final does not wait for it (Finalize flushes at the pause), only
-                # interim results do, by up to 180 ms
-                stt=DeepgramSTT(settings, policy=StreamPolicy(batch_ms=200)),
+                # interim results do, by up to 180 ms. While the caller is quiet (from the
+                # end of a turn to the next speech onset, which sends at once) 500 ms:
+                # nothing there waits to be transcribed, and each send is a syscall
+                stt=DeepgramSTT(settings, policy=StreamPolicy(batch_ms=200, quiet_batch_ms=500)),
                 llm=llm,
                 tts=tts,
                 store=store,

@@ -49,6 +49,10 @@ class StreamPolicy:
     batch_ms: int = 40
     """Audio per WebSocket send. Twilio frames arrive every 20 ms, so 40 ms holds at most one
     frame back (<= 20 ms added latency) and halves the sends."""
+    quiet_batch_ms: int = 0
+    """Audio per send while the caller is quiet (`caller_speaking(False)`, e.g. while the
+    agent talks): nothing there is waiting to be transcribed, so fewer, larger sends. The
+    caller starting to speak sends what is buffered at once. 0: always `batch_ms`."""
     keepalive_s: float = 4.0
     """KeepAlive after this long without audio: Deepgram closes sockets idle for 10 s."""
     buffer_s: float = 5.0
@@ -65,6 +69,10 @@ class StreamPolicy:
     @property
     def batch_bytes(self) -> int:
         return self.batch_ms * SAMPLE_RATE // 1000
+
+    @property
+    def quiet_batch_bytes(self) -> int:
+        return max(self.quiet_batch_ms, self.batch_ms) * SAMPLE_RATE // 1000
 
     @property
     def buffer_bytes(self) -> int:
@@ -153,10 +161,11 @@ class _End:
 class DeepgramStream:
     """`STTStream` over successive Deepgram sockets. One consumer of `events()`.
 
-    Audio path: `send_audio` appends to `_unsent`; whenever a socket is attached and at least
-    `batch_bytes` wait, they are sent. While no socket is attached `_unsent` grows (bounded to
-    `buffer_s`) and is replayed first on the next socket. All sends hold `_send_lock`;
-    `send_audio` never waits for it, so the caller's inbound loop never blocks on the network.
+    Audio path: `send_audio` appends to `_unsent`; whenever a socket is attached and a batch
+    waits (`batch_ms`, or `quiet_batch_ms` while the caller is quiet), it is sent. While no
+    socket is attached `_unsent` grows (bounded to `buffer_s`) and is replayed first on the
+    next socket. All sends hold `_send_lock`; `send_audio` never waits for it, so the caller's
+    inbound loop never blocks on the network.
     A partial batch goes out with the next frame, `finalize()`, a KeepAlive tick or close.
     Audio already written to a socket that then dies is lost (Deepgram has no resume).
     """
@@ -183,6 +192,8 @@ class DeepgramStream:
         self._send_lock = asyncio.Lock()
         self._last_sent_at = 0.0
         self._finalize_due = False
+        self._batch_bytes = policy.quiet_batch_bytes  # calls open with the caller listening
+        self._send_now = False
         self._closing = False
         self._failed = False
         self._connected = asyncio.Event()
@@ -201,7 +212,18 @@ class DeepgramStream:
         self._received_bytes += len(mulaw)
         self._unsent += mulaw
         self._trim_unsent()
-        return self._conn is not None and len(self._unsent) >= self._policy.batch_bytes
+        return self._conn is not None and self._batch_waits()
+
+    def caller_speaking(self, speaking: bool) -> None:
+        """The pipeline's VAD heard the caller start (True) or finish (False) speaking. While
+        speaking, batches are `batch_ms`, and what is buffered goes with the next
+        `send_pending()`; while quiet, `quiet_batch_ms`."""
+        policy = self._policy
+        self._batch_bytes = policy.batch_bytes if speaking else policy.quiet_batch_bytes
+        self._send_now = speaking and bool(self._unsent)
+
+    def _batch_waits(self) -> bool:
+        return self._send_now or len(self._unsent) >= self._batch_bytes
 
     async def send_pending(self) -> None:
         """Send what `push_audio()` queued once a whole batch waits, unless a send is
@@ -209,7 +231,7 @@ class DeepgramStream:
         frames, `finalize()`, a KeepAlive tick or close: the pipeline calls this whenever
         its VAD has windows to score, every 32 ms while the caller speaks, and sending on
         each of those calls would cut every batch short."""
-        if len(self._unsent) >= self._policy.batch_bytes:
+        if self._batch_waits():
             await self._flush(wait=False)
 
     async def finalize(self) -> None:
@@ -290,6 +312,7 @@ class DeepgramStream:
                 self._restore(chunk, contiguous=self.dropped_audio_bytes == dropped_before)
                 raise
             self._last_sent_at = asyncio.get_running_loop().time()
+        self._send_now = False
         if self._finalize_due:
             await conn.send_finalize()
             self._finalize_due = False

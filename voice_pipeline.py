@@ -731,6 +731,9 @@ class CallSession:
             for event in events:
                 if isinstance(event, VADSpeechStart):
                     self._on_speech_start(event)
+                    # the onset's audio goes to the transcriber now, not with a quiet batch
+                    self._stt.caller_speaking(True)
+                    await self._stt.send_pending()
                 elif isinstance(event, VADPause):
                     self._flushed_silence = event.silence_start
                     self._timing.eos_at = self._audio_to_clock(event.silence_start)
@@ -761,6 +764,8 @@ class CallSession:
         if self._barge_in is not None:
             self._barge_in.vad_ended_at = self.clock()
         self._vad_ended = True
+        assert self._stt is not None
+        self._stt.caller_speaking(False)
         if self._flushed_silence != event.end:
             await self._finalize()
         elif self._finalizes_pending == 0 and self._finals:

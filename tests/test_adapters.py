@@ -311,6 +311,41 @@ async def test_stt_sends_whole_batches_and_finalize_sends_the_rest(tmp_path, dee
     assert record.controls[0]["audio_time"] == pytest.approx(0.26)
 
 
+async def test_stt_batches_larger_while_the_caller_is_quiet_and_sends_at_speech_onset(
+    tmp_path, deepgram
+):
+    policy = StreamPolicy(batch_ms=100, quiet_batch_ms=300)
+    stt = DeepgramSTT(dg_settings(tmp_path, deepgram), policy=policy)
+    frames = [tone(0.02)[:FRAME]] * 40
+
+    async def push(count: int) -> None:
+        for frame in frames[:count]:
+            stream.push_audio(frame)
+            await stream.send_pending()
+
+    def sent() -> int:
+        return deepgram.listen_connections[0].audio_bytes
+
+    async with stt.open(language="en-US") as stream:
+        await stream.wait_connected()
+        await push(14)  # quiet from the start: one 300 ms batch (15 frames) not yet whole
+        await asyncio.sleep(0.1)
+        assert sent() == 0
+        stream.caller_speaking(True)  # the onset: the 14 buffered frames go at once
+        await stream.send_pending()
+        await async_wait_until(lambda: sent() == 14 * FRAME)
+        await push(5)  # speaking: 100 ms batches
+        await async_wait_until(lambda: sent() == 19 * FRAME)
+        stream.caller_speaking(False)
+        await push(14)
+        await asyncio.sleep(0.1)
+        assert sent() == 19 * FRAME  # quiet again: 14 frames wait for the 15th
+        await push(1)
+        await async_wait_until(lambda: sent() == 34 * FRAME)
+
+    assert deepgram.listen_connections[0].audio_messages == 3
+
+
 async def test_stt_keepalive_only_while_audio_pauses(tmp_path, deepgram):
     deepgram.config.idle_timeout_s = 1.0
     stt = DeepgramSTT(dg_settings(tmp_path, deepgram), policy=StreamPolicy(keepalive_s=0.3))
