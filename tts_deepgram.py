@@ -104,6 +104,8 @@ def _describe(exc: Exception) -> str:
 _WS_ERRORS = (WebSocketException, OSError, TimeoutError)
 _REJECTED_UPGRADE = {400, 401, 402, 403, 404}
 """Upgrade statuses that a retry will not fix."""
+LIMITED_S = 60.0
+"""After Deepgram refuses a socket with 429, the pool keeps to the sockets it has this long."""
 _RETRIABLE_CLOSE = {1001, 1006, 1011, 1012, 1013, 1014}
 """Close codes after which the same text may be spoken on another socket."""
 
@@ -138,9 +140,9 @@ class DeepgramStreamingTTS:
 
     Sockets are pooled per voice and serve one request at a time, the most recently used
     first. Deepgram allows `flush_limit` flushes per `flush_window_s` on a socket, so a
-    socket that has used them rests and another one serves. At most `max_sockets` are open
-    (Deepgram's concurrency limit counts them); a request that finds none free goes over
-    REST (`DeepgramTTS`), as does nothing else.
+    socket that has used them rests and another one serves. At most `max_sockets` are open,
+    fewer for `LIMITED_S` after Deepgram refused one with 429 (its concurrency limit counts
+    them); a request that finds no socket free goes over REST (`DeepgramTTS`).
 
     A request whose generator is closed before its `Flushed` (a barge-in) leaves the socket
     with a `Clear` sent in the background; the socket rejoins the pool after its `Cleared`,
@@ -170,6 +172,7 @@ class DeepgramStreamingTTS:
         self._flush_limit, self._flush_window_s = flush_limit, flush_window_s
         self._idle: dict[str, list[_SpeakSocket]] = {}
         self._open = 0
+        self._limited_to, self._limited_until = 0, 0.0
         self._background: set[asyncio.Task[None]] = set()
         self.rest_fallbacks = 0
         """Requests sent over REST because every socket was busy or out of flushes."""
@@ -178,7 +181,15 @@ class DeepgramStreamingTTS:
     def open_sockets(self) -> int:
         return self._open
 
+    @property
+    def idle_sockets(self) -> int:
+        return sum(len(socks) for socks in self._idle.values())
+
     async def aclose(self) -> None:
+        # Let sockets being cleared or closed finish (each is bounded by connect_timeout_s):
+        # a task cancelled before it ran would leave its socket open.
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=self._connect_timeout_s + 1)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -195,20 +206,20 @@ class DeepgramStreamingTTS:
             sock = self._take_idle(voice)
             reused = sock is not None
             if sock is None:
-                if self._open >= self._max_sockets:
-                    self.rest_fallbacks += 1
-                    async with contextlib.aclosing(self._rest.synthesize(text, voice=voice)) as c:
-                        async for chunk in c:
-                            yield chunk
-                    return
                 try:
-                    sock = await self._connect(voice)
+                    sock = await self._new_socket(voice)
                 except (ApiError, *_WS_ERRORS) as exc:
                     if attempt >= self._retries or not _retriable_ws(exc):
                         raise TTSError(f"deepgram speak failed: {_describe_ws(exc)}") from exc
                     attempt += 1
                     log.warning("deepgram speak socket failed (%s); retrying", _describe_ws(exc))
                     continue
+                if sock is None:  # no socket to be had: this chunk goes over REST
+                    self.rest_fallbacks += 1
+                    async with contextlib.aclosing(self._rest.synthesize(text, voice=voice)) as c:
+                        async for chunk in c:
+                            yield chunk
+                    return
             started, held = False, True
             try:
                 async with contextlib.aclosing(self._speak_on(sock, text)) as chunks:
@@ -257,6 +268,27 @@ class DeepgramStreamingTTS:
             self._spawn(self._close(sock))
         else:
             self._idle.setdefault(sock.voice, []).append(sock)
+
+    def _socket_limit(self) -> int:
+        if asyncio.get_running_loop().time() < self._limited_until:
+            return min(self._limited_to, self._max_sockets)
+        return self._max_sockets
+
+    async def _new_socket(self, voice: str) -> _SpeakSocket | None:
+        """A newly opened socket; None when the pool is at `max_sockets`, or Deepgram refuses
+        another one (429, its concurrency limit: then the pool stops growing for
+        `LIMITED_S`)."""
+        if self._open >= self._socket_limit():
+            return None
+        try:
+            return await self._connect(voice)
+        except ApiError as exc:
+            if exc.status_code != 429:
+                raise
+            self._limited_to = self._open
+            self._limited_until = asyncio.get_running_loop().time() + LIMITED_S
+            log.warning("deepgram refused another speak socket (429) with %d open", self._open)
+            return None
 
     async def _connect(self, voice: str) -> _SpeakSocket:
         stack = contextlib.AsyncExitStack()

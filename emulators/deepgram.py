@@ -102,6 +102,9 @@ class DeepgramConfig:
     idle_timeout_s: float = 10.0
 
     # speak
+    speak_socket_limit: int | None = None
+    """Open speak WebSockets allowed at once (a project's concurrency limit); an upgrade past
+    it is refused with 429. None: no limit."""
     tts_first_byte_ms: int = 150
     tts_ms_per_char: float = 65.0
     tts_chunk_bytes: int = 1600
@@ -945,6 +948,12 @@ class DeepgramEmulator(ThreadedServer):
             await self._deny(ws, 400, "UNSUPPORTED_AUDIO_FORMAT", f"Bad encoding: {encoding}")
             return
         fmt = AudioFormat(encoding, int(query.get("sample_rate") or _DEFAULT_RATE[encoding]))
+        limit = self.config.speak_socket_limit
+        with self.lock:
+            over = limit is not None and len(self._speak_live) >= limit
+        if over:
+            await self._deny(ws, 429, "TOO_MANY_REQUESTS", "Too many concurrent requests.")
+            return
         await ws.accept()
         with self.lock:
             self.speak_connects += 1

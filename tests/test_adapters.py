@@ -717,6 +717,39 @@ async def test_tts_a_server_error_on_a_pooled_socket_counts_as_the_one_retry(ws_
     assert [r.status for r in deepgram.speak_requests] == [200, 503, 503]
 
 
+async def test_tts_sockets_refused_at_deepgrams_concurrency_limit_fall_back_to_rest(
+    tmp_path, deepgram
+):
+    deepgram.config.speak_socket_limit = 1
+    deepgram.config.tts_speed = 1.0  # the first answer is still playing when the second starts
+    adapter = DeepgramStreamingTTS(dg_settings(tmp_path, deepgram))
+    first_text, second_text, third_text = "A long first answer. " * 3, "A second.", "A third."
+    try:
+        first = adapter.synthesize(first_text, voice="v")
+        async with contextlib.aclosing(first):
+            assert await anext(first)
+            # the second socket is refused (429): that chunk goes over REST, no error
+            second = await synthesize(adapter, second_text, voice="v")
+        assert len(second) == expected_tts_bytes(second_text)
+        await async_wait_until(lambda: adapter.idle_sockets == 1)  # cleared, back in the pool
+        deepgram.config.speak_socket_limit = 5
+        deepgram.config.tts_speed = 20.0
+        # the pool keeps to its one socket for a while instead of asking again
+        third = await synthesize(adapter, third_text, voice="v")
+        concurrent = adapter.synthesize(third_text, voice="v")
+        other = adapter.synthesize(second_text, voice="v")
+        async with contextlib.aclosing(concurrent), contextlib.aclosing(other):
+            assert await anext(concurrent) and await anext(other)
+    finally:
+        await adapter.aclose()
+
+    assert len(third) == expected_tts_bytes(third_text)
+    transports = [(r.text, r.transport) for r in deepgram.speak_requests]
+    assert transports[:3] == [(first_text, "ws"), (second_text, "rest"), (third_text, "ws")]
+    assert sorted(transports[3:]) == [(second_text, "rest"), (third_text, "ws")]
+    assert deepgram.speak_connects == 1 and adapter.rest_fallbacks == 2
+
+
 async def test_tts_socket_upgrade_rejected_raises_without_retry(tmp_path, deepgram):
     deepgram.config.api_key = "another-key"
     adapter = DeepgramStreamingTTS(dg_settings(tmp_path, deepgram))
