@@ -148,9 +148,9 @@ class DeepgramStreamingTTS:
     with a `Clear` sent in the background; the socket rejoins the pool after its `Cleared`,
     or is closed. Failures before any audio: a pooled socket found closed is replaced, and
     one that dies at its request without an error close (the server may close idle sockets)
-    is replaced once for free; then one retry on a new
-    socket for upgrade failures of 5xx/429, retriable close codes and timeouts; failures
-    after audio started, or a second one, raise `TTSError`. Call `aclose()` at exit.
+    is replaced once for free; then one retry on a new socket for upgrade failures of
+    5xx/429, retriable close codes and timeouts; failures after audio started, or a second
+    one, raise `TTSError`. Call `aclose()` at exit.
     """
 
     def __init__(
