@@ -118,6 +118,7 @@ class _SpeakSocket:
     conn: Any
     stack: contextlib.AsyncExitStack
     flushes: deque[float] = field(default_factory=deque)
+    idle_since: float = 0.0
 
     @property
     def closed(self) -> bool:
@@ -139,8 +140,10 @@ class DeepgramStreamingTTS:
     pipeline overhead (BENCHMARKS.md, tenth round).
 
     Sockets are pooled per voice and serve one request at a time, the most recently used
-    first. Deepgram allows `flush_limit` flushes per `flush_window_s` on a socket, so a
-    socket that has used them rests and another one serves. At most `max_sockets` are open,
+    first; one left unused for `idle_close_s` is closed when another socket comes back, so
+    the pool shrinks to what the traffic uses. Deepgram allows `flush_limit` flushes per
+    `flush_window_s` on a socket, so a socket that has used them rests and another one
+    serves. At most `max_sockets` are open,
     fewer for `LIMITED_S` after Deepgram refused one with 429 (its concurrency limit counts
     them); a request that finds no socket free goes over REST (`DeepgramTTS`).
 
@@ -163,6 +166,7 @@ class DeepgramStreamingTTS:
         max_sockets: int | None = None,
         flush_limit: int = 20,
         flush_window_s: float = 60.0,
+        idle_close_s: float = 30.0,
     ) -> None:
         self._client = build_deepgram_client(settings)
         self._rest = DeepgramTTS(settings, timeout_s=timeout_s, retries=retries)
@@ -170,6 +174,7 @@ class DeepgramStreamingTTS:
         self._retries = retries
         self._max_sockets = settings.DEEPGRAM_TTS_SOCKETS if max_sockets is None else max_sockets
         self._flush_limit, self._flush_window_s = flush_limit, flush_window_s
+        self._idle_close_s = idle_close_s
         self._idle: dict[str, list[_SpeakSocket]] = {}
         self._open = 0
         self._limited_to, self._limited_until = 0, 0.0
@@ -264,10 +269,17 @@ class DeepgramStreamingTTS:
         return None
 
     def _put_idle(self, sock: _SpeakSocket) -> None:
+        now = asyncio.get_running_loop().time()
         if sock.closed:
             self._spawn(self._close(sock))
         else:
+            sock.idle_since = now
             self._idle.setdefault(sock.voice, []).append(sock)
+        # Reuse is most-recent first, so the oldest idle sockets are the ones a smaller
+        # pool would do without: close those unused for `idle_close_s`.
+        for idle in self._idle.values():
+            while idle and now - idle[0].idle_since > self._idle_close_s:
+                self._spawn(self._close(idle.pop(0)))
 
     def _socket_limit(self) -> int:
         if asyncio.get_running_loop().time() < self._limited_until:

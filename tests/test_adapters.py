@@ -750,6 +750,31 @@ async def test_tts_sockets_refused_at_deepgrams_concurrency_limit_fall_back_to_r
     assert deepgram.speak_connects == 1 and adapter.rest_fallbacks == 2
 
 
+async def test_tts_sockets_left_unused_are_closed_and_the_pool_shrinks(tmp_path, deepgram):
+    adapter = DeepgramStreamingTTS(dg_settings(tmp_path, deepgram), idle_close_s=0.3)
+    deepgram.config.tts_speed = 1.0
+    try:
+        # two answers at once: two sockets
+        first, second = (adapter.synthesize(t, voice="v") for t in ("One.", "Two."))
+        async with contextlib.aclosing(first), contextlib.aclosing(second):
+            assert await anext(first) and await anext(second)
+            async for _ in first:
+                pass
+            async for _ in second:
+                pass
+        assert (adapter.open_sockets, adapter.idle_sockets) == (2, 2)
+        deepgram.config.tts_speed = 20.0
+        # from now on one answer at a time: the same (most recent) socket serves each, and
+        # the other one, unused for longer than idle_close_s, is closed
+        for n in range(4):
+            assert await synthesize(adapter, f"Answer {n}.", voice="v")
+            await asyncio.sleep(0.15)
+        await async_wait_until(lambda: adapter.open_sockets == 1)
+        assert deepgram.speak_connects == 2 and adapter.idle_sockets == 1
+    finally:
+        await adapter.aclose()
+
+
 async def test_tts_socket_upgrade_rejected_raises_without_retry(tmp_path, deepgram):
     deepgram.config.api_key = "another-key"
     adapter = DeepgramStreamingTTS(dg_settings(tmp_path, deepgram))
