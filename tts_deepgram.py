@@ -102,8 +102,6 @@ def _describe(exc: Exception) -> str:
 # --- the speak WebSocket ---------------------------------------------------------------------
 
 _WS_ERRORS = (WebSocketException, OSError, TimeoutError)
-_REJECTED_UPGRADE = {400, 401, 402, 403, 404}
-"""Upgrade statuses that a retry will not fix."""
 LIMITED_S = 60.0
 """After Deepgram refuses a socket with 429, the pool keeps to the sockets it has this long."""
 _RETRIABLE_CLOSE = {1001, 1006, 1011, 1012, 1013, 1014}
@@ -143,9 +141,9 @@ class DeepgramStreamingTTS:
     first; one left unused for `idle_close_s` is closed when another socket comes back, so
     the pool shrinks to what the traffic uses. Deepgram allows `flush_limit` flushes per
     `flush_window_s` on a socket, so a socket that has used them rests and another one
-    serves. At most `max_sockets` are open,
-    fewer for `LIMITED_S` after Deepgram refused one with 429 (its concurrency limit counts
-    them); a request that finds no socket free goes over REST (`DeepgramTTS`).
+    serves. At most `max_sockets` are open, fewer for `LIMITED_S` after Deepgram refused one
+    with 429 (its concurrency limit counts them); a request that finds no socket free goes
+    over REST (`DeepgramTTS`).
 
     A request whose generator is closed before its `Flushed` (a barge-in) leaves the socket
     with a `Clear` sent in the background; the socket rejoins the pool after its `Cleared`,
@@ -214,10 +212,7 @@ class DeepgramStreamingTTS:
                 try:
                     sock = await self._new_socket(voice)
                 except (ApiError, *_WS_ERRORS) as exc:
-                    if attempt >= self._retries or not _retriable_ws(exc):
-                        raise TTSError(f"deepgram speak failed: {_describe_ws(exc)}") from exc
-                    attempt += 1
-                    log.warning("deepgram speak socket failed (%s); retrying", _describe_ws(exc))
+                    attempt = self._retry_or_raise(exc, attempt)
                     continue
                 if sock is None:  # no socket to be had: this chunk goes over REST
                     self.rest_fallbacks += 1
@@ -237,19 +232,23 @@ class DeepgramStreamingTTS:
             except _WS_ERRORS as exc:
                 held = False
                 self._spawn(self._close(sock))
-                reason = _describe_ws(exc)
                 if started:
-                    raise TTSError(f"deepgram speak failed: {reason}") from exc
+                    raise TTSError(f"deepgram speak failed: {_describe_ws(exc)}") from exc
                 if reused and free_replacement and _went_away(exc):
                     free_replacement = False  # it died idle, not of this request
                     continue
-                if attempt >= self._retries or not _retriable_ws(exc):
-                    raise TTSError(f"deepgram speak failed: {reason}") from exc
-                attempt += 1
-                log.warning("deepgram speak socket failed (%s); retrying", reason)
+                attempt = self._retry_or_raise(exc, attempt)
             finally:
                 if held:  # closed or cancelled mid-request: clear the socket, then reuse it
                     self._spawn(self._clear_and_return(sock))
+
+    def _retry_or_raise(self, exc: Exception, attempt: int) -> int:
+        """The next attempt's number after a failure before any audio, or `TTSError`."""
+        reason = _describe_ws(exc)
+        if attempt >= self._retries or not _retriable_ws(exc):
+            raise TTSError(f"deepgram speak failed: {reason}") from exc
+        log.warning("deepgram speak socket failed (%s); retrying", reason)
+        return attempt + 1
 
     # --- pool -----------------------------------------------------------------------------
 
@@ -386,19 +385,15 @@ def _went_away(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionClosed) and _close_code(exc) in (None, 1000, 1001)
 
 
-def _retriable_ws(exc: BaseException) -> bool:
-    if isinstance(exc, ApiError):
-        status = exc.status_code or 0
-        return status not in _REJECTED_UPGRADE and (status >= 500 or status in _RETRIABLE_STATUS)
+def _retriable_ws(exc: Exception) -> bool:
+    """As `_retriable` (an upgrade's status, transport errors), plus the close codes."""
     if isinstance(exc, ConnectionClosed):
         code = _close_code(exc)
         return code is None or code in _RETRIABLE_CLOSE
-    return True  # transport errors and timeouts
+    return _retriable(exc)
 
 
-def _describe_ws(exc: BaseException) -> str:
-    if isinstance(exc, ApiError):
-        return f"HTTP {exc.status_code}"
+def _describe_ws(exc: Exception) -> str:
     if isinstance(exc, ConnectionClosed):
         return f"socket closed ({_close_code(exc) or 'no close frame'})"
-    return type(exc).__name__
+    return _describe(exc)
