@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     DEEPGRAM_TTS_VOICE: str = "aura-2-thalia-en"
     DEEPGRAM_TTS_TRANSPORT: Literal["websocket", "rest"] = "websocket"
     DEEPGRAM_TTS_SOCKETS: int = Field(default=64, ge=1)
+    DEEPGRAM_TTS_SPARE_SOCKETS: int = Field(default=1, ge=0)
 
     # --- Ollama -------------------------------------------------------------------------
     OLLAMA_HOST: str = "http://127.0.0.1:11434"

@@ -145,6 +145,11 @@ class DeepgramStreamingTTS:
     with 429 (its concurrency limit counts them); a request that finds no socket free goes
     over REST (`DeepgramTTS`).
 
+    Opening a socket is a TCP, TLS and upgrade handshake, several round trips to Deepgram,
+    so no request should wait for one: `spare_sockets` more ready sockets (idle, with flushes
+    left) per voice in use are opened in the background whenever a request leaves fewer,
+    and the idle close keeps them.
+
     A request whose generator is closed before its `Flushed` (a barge-in) leaves the socket
     with a `Clear` sent in the background; the socket rejoins the pool after its `Cleared`,
     or is closed. Failures before any audio: a pooled socket found closed is replaced, and
@@ -165,6 +170,7 @@ class DeepgramStreamingTTS:
         flush_limit: int = 20,
         flush_window_s: float = 60.0,
         idle_close_s: float = 30.0,
+        spare_sockets: int | None = None,
     ) -> None:
         self._client = build_deepgram_client(settings)
         self._rest = DeepgramTTS(settings, timeout_s=timeout_s, retries=retries)
@@ -173,6 +179,10 @@ class DeepgramStreamingTTS:
         self._max_sockets = settings.DEEPGRAM_TTS_SOCKETS if max_sockets is None else max_sockets
         self._flush_limit, self._flush_window_s = flush_limit, flush_window_s
         self._idle_close_s = idle_close_s
+        spare = settings.DEEPGRAM_TTS_SPARE_SOCKETS if spare_sockets is None else spare_sockets
+        self._spare = spare
+        self._warming: dict[str, int] = {}
+        self._closing = False
         self._idle: dict[str, list[_SpeakSocket]] = {}
         self._open = 0
         self._limited_to, self._limited_until = 0, 0.0
@@ -191,6 +201,7 @@ class DeepgramStreamingTTS:
     async def aclose(self) -> None:
         # Let sockets being cleared or closed finish (each is bounded by connect_timeout_s):
         # a task cancelled before it ran would leave its socket open.
+        self._closing = True
         if self._background:
             await asyncio.wait(set(self._background), timeout=self._connect_timeout_s + 1)
         for task in list(self._background):
@@ -208,6 +219,7 @@ class DeepgramStreamingTTS:
         while True:
             sock = self._take_idle(voice)
             reused = sock is not None
+            self._keep_spares(voice)
             if sock is None:
                 try:
                     sock = await self._new_socket(voice)
@@ -269,16 +281,48 @@ class DeepgramStreamingTTS:
 
     def _put_idle(self, sock: _SpeakSocket) -> None:
         now = asyncio.get_running_loop().time()
-        if sock.closed:
+        if sock.closed or self._closing:
             self._spawn(self._close(sock))
         else:
             sock.idle_since = now
             self._idle.setdefault(sock.voice, []).append(sock)
         # Reuse is most-recent first, so the oldest idle sockets are the ones a smaller
-        # pool would do without: close those unused for `idle_close_s`.
+        # pool would do without: close those unused for `idle_close_s`, but keep the one
+        # the next request takes and its spares (else they would be closed and reopened).
+        keep = 1 + self._spare
         for idle in self._idle.values():
-            while idle and now - idle[0].idle_since > self._idle_close_s:
+            while len(idle) > keep and now - idle[0].idle_since > self._idle_close_s:
                 self._spawn(self._close(idle.pop(0)))
+
+    def _ready(self, voice: str) -> int:
+        """Idle sockets of `voice` that could serve a request now."""
+        now = asyncio.get_running_loop().time()
+        limit, window = self._flush_limit, self._flush_window_s
+        idle = self._idle.get(voice, ())
+        return sum(1 for s in idle if not s.closed and s.has_flush_room(now, limit, window))
+
+    def _keep_spares(self, voice: str) -> None:
+        """Open sockets in the background until `spare_sockets` are ready for `voice`."""
+        if self._closing:
+            return
+        warming = self._warming.get(voice, 0)
+        for _ in range(self._spare - self._ready(voice) - warming):
+            if self._open >= self._socket_limit():
+                return
+            self._warming[voice] = self._warming.get(voice, 0) + 1
+            self._spawn(self._open_spare(voice))
+
+    async def _open_spare(self, voice: str) -> None:
+        try:
+            sock = await self._new_socket(voice)
+        except (ApiError, *_WS_ERRORS) as exc:
+            # the next request that needs a socket opens one itself, with its retry
+            log.warning("deepgram speak socket not opened ahead: %s", _describe_ws(exc))
+            return
+        finally:
+            self._warming[voice] -= 1
+        if sock is not None:
+            self._put_idle(sock)
 
     def _socket_limit(self) -> int:
         if asyncio.get_running_loop().time() < self._limited_until:

@@ -178,6 +178,8 @@ class SpeakRecord:
     """`time.monotonic()` once the first audio chunk was handed to the transport."""
     configured_ms: float | None = None
     """The `tts_first_byte_ms` this request was given."""
+    socket: int | None = None
+    """Over ws: which speak WebSocket carried it, numbered from 1 in accept order."""
 
 
 # --- audio -----------------------------------------------------------------------------------
@@ -637,8 +639,10 @@ class _SpeakSession:
     """One `/v1/speak` WebSocket: text is buffered until Flush; each flush is synthesised in
     order by a worker task; Clear drops buffered text and any audio not yet sent."""
 
-    def __init__(self, emu: DeepgramEmulator, ws: WebSocket, fmt: AudioFormat, query: dict):
-        self.emu, self.ws, self.fmt, self.query = emu, ws, fmt, query
+    def __init__(
+        self, emu: DeepgramEmulator, ws: WebSocket, fmt: AudioFormat, query: dict, number: int
+    ):
+        self.emu, self.ws, self.fmt, self.query, self.number = emu, ws, fmt, query, number
         self.buffer: list[str] = []
         self.jobs: asyncio.Queue[tuple[int, str, float]] = asyncio.Queue()
         self.sequence = 0
@@ -705,7 +709,12 @@ class _SpeakSession:
 
     async def _speak(self, sequence: int, text: str, received: float) -> None:
         record = SpeakRecord(
-            text=text, transport="ws", query=self.query, time=time.time(), received=received
+            text=text,
+            transport="ws",
+            query=self.query,
+            time=time.time(),
+            received=received,
+            socket=self.number,
         )
         self.emu.record_speak(record)
         failure, drop_after = self.emu.next_speak_fault()
@@ -960,7 +969,7 @@ class DeepgramEmulator(ThreadedServer):
             key = self.speak_connects
             self._speak_live[key] = ws.scope
         try:
-            await _SpeakSession(self, ws, fmt, query).run()
+            await _SpeakSession(self, ws, fmt, query, key).run()
         finally:
             with self.lock:
                 self._speak_live.pop(key, None)

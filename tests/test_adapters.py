@@ -168,7 +168,10 @@ async def tts(
 
 @pytest.fixture
 async def ws_tts(tmp_path: Path, deepgram: DeepgramEmulator) -> AsyncIterator[DeepgramStreamingTTS]:
-    adapter = DeepgramStreamingTTS(dg_settings(tmp_path, deepgram), max_sockets=2, flush_limit=3)
+    """A small pool without spares, so which socket serves a request is deterministic."""
+    adapter = DeepgramStreamingTTS(
+        dg_settings(tmp_path, deepgram), max_sockets=2, flush_limit=3, spare_sockets=0
+    )
     yield adapter
     await adapter.aclose()
 
@@ -722,7 +725,7 @@ async def test_tts_sockets_refused_at_deepgrams_concurrency_limit_fall_back_to_r
 ):
     deepgram.config.speak_socket_limit = 1
     deepgram.config.tts_speed = 1.0  # the first answer is still playing when the second starts
-    adapter = DeepgramStreamingTTS(dg_settings(tmp_path, deepgram))
+    adapter = DeepgramStreamingTTS(dg_settings(tmp_path, deepgram), spare_sockets=0)
     first_text, second_text, third_text = "A long first answer. " * 3, "A second.", "A third."
     try:
         first = adapter.synthesize(first_text, voice="v")
@@ -750,11 +753,35 @@ async def test_tts_sockets_refused_at_deepgrams_concurrency_limit_fall_back_to_r
     assert deepgram.speak_connects == 1 and adapter.rest_fallbacks == 2
 
 
-async def test_tts_sockets_left_unused_are_closed_and_the_pool_shrinks(tmp_path, deepgram):
+async def test_tts_keeps_a_spare_socket_open_so_a_request_never_waits_for_a_handshake(
+    tmp_path, deepgram
+):
+    adapter = DeepgramStreamingTTS(dg_settings(tmp_path, deepgram), spare_sockets=1)
+    deepgram.config.tts_speed = 1.0  # the first answer is still playing when the second starts
+    try:
+        first = adapter.synthesize("A long first answer. " * 3, voice="v")
+        async with contextlib.aclosing(first):
+            assert await anext(first)
+            # the first request opened its own socket, and a spare beside it
+            await async_wait_until(lambda: adapter.idle_sockets == 1)
+            assert deepgram.speak_connects == 2
+            second = await synthesize(adapter, "A second.", voice="v")
+        assert len(second) == expected_tts_bytes("A second.")
+        # the second went out on the spare, and taking it opened the next spare
+        await async_wait_until(lambda: deepgram.speak_connects == 3)
+        await async_wait_until(lambda: adapter.idle_sockets == 3)
+    finally:
+        await adapter.aclose()
+
+    assert [r.socket for r in deepgram.speak_requests] == [1, 2]
+    assert adapter.open_sockets == 0
+
+
+async def test_tts_sockets_left_unused_are_closed_down_to_one_and_its_spare(tmp_path, deepgram):
     adapter = DeepgramStreamingTTS(dg_settings(tmp_path, deepgram), idle_close_s=0.3)
     deepgram.config.tts_speed = 1.0
     try:
-        # two answers at once: two sockets
+        # two answers at once: two sockets, and the spare the first one opened
         first, second = (adapter.synthesize(t, voice="v") for t in ("One.", "Two."))
         async with contextlib.aclosing(first), contextlib.aclosing(second):
             assert await anext(first) and await anext(second)
@@ -762,15 +789,16 @@ async def test_tts_sockets_left_unused_are_closed_and_the_pool_shrinks(tmp_path,
                 pass
             async for _ in second:
                 pass
-        assert (adapter.open_sockets, adapter.idle_sockets) == (2, 2)
+        await async_wait_until(lambda: adapter.idle_sockets == 3)
+        assert adapter.open_sockets == 3
         deepgram.config.tts_speed = 20.0
         # from now on one answer at a time: the same (most recent) socket serves each, and
-        # the other one, unused for longer than idle_close_s, is closed
+        # the oldest one, unused for longer than idle_close_s, is closed; the spare stays
         for n in range(4):
             assert await synthesize(adapter, f"Answer {n}.", voice="v")
             await asyncio.sleep(0.15)
-        await async_wait_until(lambda: adapter.open_sockets == 1)
-        assert deepgram.speak_connects == 2 and adapter.idle_sockets == 1
+        await async_wait_until(lambda: adapter.open_sockets == 2)
+        assert deepgram.speak_connects == 3 and adapter.idle_sockets == 2
     finally:
         await adapter.aclose()
 
