@@ -80,11 +80,12 @@ class PeakSampler:
         return round(100 * max(rates, default=0.0), 1)
 
 
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs from /proc/stat."""
+def machine_busy() -> tuple[float, float, float]:
+    """(busy, total, steal) jiffies of all CPUs from /proc/stat. Steal, time the hypervisor
+    gave this VM's CPUs to others, counts as busy: nothing here could run then."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = values[3] + values[4]  # idle + iowait
-    return sum(values) - idle, sum(values)
+    return sum(values) - idle, sum(values), values[7]
 
 
 def _cpu_delta(before: ProcSample, after: ProcSample) -> float:
@@ -112,7 +113,7 @@ class Readings:
     server: ProcSample
     emulators: ProcSample
     generator: ProcSample
-    machine: tuple[float, float]
+    machine: tuple[float, float, float]
     metrics: dict[str, float]
 
 
@@ -183,7 +184,7 @@ def resources(
     net = report.resource_figures(server_cpu - idle_rate * wall_s, calls["call_seconds"], 0, 0, 1)
     emulators = _cpu_delta(before.emulators, after.emulators)
     generator = _cpu_delta(before.generator, after.generator)
-    busy, total = (a - b for a, b in zip(after.machine, before.machine, strict=True))
+    busy, total, steal = (a - b for a, b in zip(after.machine, before.machine, strict=True))
     return {
         **out,
         "idle_cpu_s_per_s": round(idle_rate, 4),
@@ -192,7 +193,10 @@ def resources(
         "emulators_cpu_s": round(emulators, 2),
         "load_generator_cpu_s": round(generator, 2),
         "machine_cpu_busy_pct": round(100 * busy / max(total, 1), 1),
-        "other_processes_cpu_s": round(busy / CLOCK_TICKS - server_cpu - emulators - generator, 1),
+        "machine_cpu_steal_pct": round(100 * steal / max(total, 1), 1),
+        "other_processes_cpu_s": round(
+            (busy - steal) / CLOCK_TICKS - server_cpu - emulators - generator, 1
+        ),
         "wall_s": round(wall_s, 1),
     }
 
