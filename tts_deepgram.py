@@ -104,6 +104,9 @@ def _describe(exc: Exception) -> str:
 _WS_ERRORS = (WebSocketException, OSError, TimeoutError)
 LIMITED_S = 60.0
 """After Deepgram refuses a socket with 429, the pool keeps to the sockets it has this long."""
+SPARE_BACKOFF_S = 5.0
+"""After a spare socket could not be opened, no other is tried this long (the requests that
+need sockets still open their own, with their retry)."""
 _RETRIABLE_CLOSE = {1001, 1006, 1011, 1012, 1013, 1014}
 """Close codes after which the same text may be spoken on another socket."""
 
@@ -147,8 +150,9 @@ class DeepgramStreamingTTS:
 
     Opening a socket is a TCP, TLS and upgrade handshake, several round trips to Deepgram,
     so no request should wait for one: `spare_sockets` more ready sockets (idle, with flushes
-    left) per voice in use are opened in the background whenever a request leaves fewer,
-    and the idle close keeps them.
+    left) per voice in use are opened in the background whenever a request leaves fewer.
+    While a voice is in use, the idle close keeps one socket and its spares; once it has
+    served no request for `idle_close_s`, a timer closes all of its sockets.
 
     A request whose generator is closed before its `Flushed` (a barge-in) leaves the socket
     with a `Clear` sent in the background; the socket rejoins the pool after its `Cleared`,
@@ -182,6 +186,9 @@ class DeepgramStreamingTTS:
         spare = settings.DEEPGRAM_TTS_SPARE_SOCKETS if spare_sockets is None else spare_sockets
         self._spare = spare
         self._warming: dict[str, int] = {}
+        self._last_request: dict[str, float] = {}
+        self._spares_after = 0.0
+        self._sweep_timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._idle: dict[str, list[_SpeakSocket]] = {}
         self._open = 0
@@ -202,6 +209,8 @@ class DeepgramStreamingTTS:
         # Let sockets being cleared or closed finish (each is bounded by connect_timeout_s):
         # a task cancelled before it ran would leave its socket open.
         self._closing = True
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
         if self._background:
             await asyncio.wait(set(self._background), timeout=self._connect_timeout_s + 1)
         for task in list(self._background):
@@ -219,6 +228,7 @@ class DeepgramStreamingTTS:
         while True:
             sock = self._take_idle(voice)
             reused = sock is not None
+            self._last_request[voice] = asyncio.get_running_loop().time()
             self._keep_spares(voice)
             if sock is None:
                 try:
@@ -280,19 +290,32 @@ class DeepgramStreamingTTS:
         return None
 
     def _put_idle(self, sock: _SpeakSocket) -> None:
-        now = asyncio.get_running_loop().time()
         if sock.closed or self._closing:
             self._spawn(self._close(sock))
-        else:
-            sock.idle_since = now
-            self._idle.setdefault(sock.voice, []).append(sock)
-        # Reuse is most-recent first, so the oldest idle sockets are the ones a smaller
-        # pool would do without: close those unused for `idle_close_s`, but keep the one
-        # the next request takes and its spares (else they would be closed and reopened).
-        keep = 1 + self._spare
-        for idle in self._idle.values():
+            return
+        sock.idle_since = asyncio.get_running_loop().time()
+        self._idle.setdefault(sock.voice, []).append(sock)
+        self._close_unused()
+
+    def _close_unused(self) -> None:
+        """Reuse is most-recent first, so the oldest idle sockets are the ones a smaller pool
+        would do without: close those unused for `idle_close_s`. A voice still in use keeps
+        the socket its next request takes and the spares (closing them would only reopen
+        them); one that has served nobody for that long keeps none. Re-armed on a timer
+        while any socket is idle, so the pool also empties when the traffic stops."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for voice, idle in self._idle.items():
+            in_use = now - self._last_request.get(voice, 0.0) <= self._idle_close_s
+            keep = 1 + self._spare if in_use else 0
             while len(idle) > keep and now - idle[0].idle_since > self._idle_close_s:
                 self._spawn(self._close(idle.pop(0)))
+        if self._sweep_timer is None and not self._closing and self.idle_sockets:
+            self._sweep_timer = loop.call_later(self._idle_close_s, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        self._close_unused()
 
     def _ready(self, voice: str) -> int:
         """Idle sockets of `voice` that could serve a request now."""
@@ -303,7 +326,7 @@ class DeepgramStreamingTTS:
 
     def _keep_spares(self, voice: str) -> None:
         """Open sockets in the background until `spare_sockets` are ready for `voice`."""
-        if self._closing:
+        if self._closing or asyncio.get_running_loop().time() < self._spares_after:
             return
         warming = self._warming.get(voice, 0)
         for _ in range(self._spare - self._ready(voice) - warming):
@@ -316,7 +339,8 @@ class DeepgramStreamingTTS:
         try:
             sock = await self._new_socket(voice)
         except (ApiError, *_WS_ERRORS) as exc:
-            # the next request that needs a socket opens one itself, with its retry
+            # requests that need a socket open their own meanwhile, with their retry
+            self._spares_after = asyncio.get_running_loop().time() + SPARE_BACKOFF_S
             log.warning("deepgram speak socket not opened ahead: %s", _describe_ws(exc))
             return
         finally:

@@ -777,7 +777,9 @@ async def test_tts_keeps_a_spare_socket_open_so_a_request_never_waits_for_a_hand
     assert adapter.open_sockets == 0
 
 
-async def test_tts_sockets_left_unused_are_closed_down_to_one_and_its_spare(tmp_path, deepgram):
+async def test_tts_sockets_left_unused_are_closed_down_to_one_and_its_spare_then_all(
+    tmp_path, deepgram
+):
     adapter = DeepgramStreamingTTS(dg_settings(tmp_path, deepgram), idle_close_s=0.3)
     deepgram.config.tts_speed = 1.0
     try:
@@ -799,8 +801,29 @@ async def test_tts_sockets_left_unused_are_closed_down_to_one_and_its_spare(tmp_
             await asyncio.sleep(0.15)
         await async_wait_until(lambda: adapter.open_sockets == 2)
         assert deepgram.speak_connects == 3 and adapter.idle_sockets == 2
+        # no more requests for the voice: a timer closes the rest, no request needed
+        async with asyncio.timeout(3.0):
+            await async_wait_until(lambda: adapter.open_sockets == 0)
     finally:
         await adapter.aclose()
+
+
+async def test_tts_a_spare_socket_that_cannot_be_opened_is_not_retried_at_once(
+    tmp_path, deepgram, caplog
+):
+    deepgram.config.api_key = "another-key"  # every upgrade is refused with 401
+    adapter = DeepgramStreamingTTS(dg_settings(tmp_path, deepgram), spare_sockets=1)
+    try:
+        for _ in range(3):
+            with pytest.raises(TTSError, match="HTTP 401"):
+                await synthesize(adapter, "Hello.")
+        await async_wait_until(lambda: "not opened ahead" in caplog.text)
+        await asyncio.sleep(0.1)
+    finally:
+        await adapter.aclose()
+    # each request tried its own socket; only the first one tried a spare beside it
+    assert caplog.text.count("not opened ahead") == 1
+    assert adapter.open_sockets == 0
 
 
 async def test_tts_socket_upgrade_rejected_raises_without_retry(tmp_path, deepgram):
