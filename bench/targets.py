@@ -20,6 +20,9 @@ measured about 70 ms after the last sample, plus min_silence_ms=250) end the tur
 the same time; the benchmark's server stages show the final about 300 + 150 ms after the
 caller's last sample."""
 SLACK_MS = 30
+NOISY_STEAL_PCT = 2.0
+"""CPU steal (time the hypervisor gave this VM's CPUs to others) from which a run's table
+says its tails are the host's as much as the service's."""
 
 
 def _get(report: dict[str, Any], path: str) -> Any:
@@ -174,6 +177,13 @@ def table(report: dict[str, Any]) -> str:
         f"frames_received={caller['frames_received']}, "
         f"frames_after_clear={caller['frames_after_clear']}"
     )
+    steal = _get(report, "resources.machine_cpu_steal_pct")
+    if steal is not None and steal >= NOISY_STEAL_PCT:
+        lines.append(
+            f"NOTE: the hypervisor took {_cell(steal)}% of this machine's CPU time during the "
+            "load (steal). Latency tails follow it (BENCHMARKS.md, eleventh round): compare "
+            "runs taken at similar steal."
+        )
     lines.append("")
     for t in report["targets"]:
         mark = "MET   " if t["met"] else "MISSED"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.targets import table
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +55,7 @@ def test_bench_runs_two_short_calls_and_writes_the_report(tmp_path: Path) -> Non
     assert report["server"]["overhead_net_of_emulator_lateness"]["p95_ms"] is not None
     assert report["caller"]["greeting_ms"]["n"] == 2
     assert report["resources"]["cpu_s_per_call_minute"] > 0
+    assert 0 <= report["resources"]["machine_cpu_steal_pct"] <= 100
     assert {t["target"] for t in report["targets"]} >= {"inbound frames dropped"}
     assert report["loop_lag"]["n"] >= 4  # the service sampled its loop through the calls
     assert "service event-loop lag" in done.stdout
@@ -144,3 +147,21 @@ def test_receive_floor_runs_each_server_and_counts_every_message() -> None:
     for mode, (_, messages, cpu_s, us, _per_min) in rows.items():
         assert int(messages) == 3 * 50, mode  # every connection sent on its 20 ms clock
         assert float(cpu_s) >= 0 and float(us) >= 0, mode
+
+
+def test_the_table_notes_a_run_taken_while_the_hypervisor_stole_cpu() -> None:
+    caller = {"underruns": 0, "barge_in_missed": 0, "frames_received": 10, "frames_after_clear": 0}
+    report = {
+        "calls": {"placed": 1, "completed": 1},
+        "backchannel": {},
+        "resources": {"machine_cpu_steal_pct": 1.1},
+        "caller": caller,
+        "inbound_frames_dropped": 0,
+        "targets": [],
+    }
+    quiet = table(report)
+    report["resources"]["machine_cpu_steal_pct"] = 7.7
+    noisy = table(report)
+
+    assert "NOTE" not in quiet
+    assert "NOTE: the hypervisor took 7.7% of this machine's CPU time" in noisy
