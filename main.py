@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if isinstance(tts, DeepgramStreamingTTS):
             app.state.metrics.tts_sockets.set_function(lambda: tts.open_sockets)
             app.state.metrics.tts_rest_fallbacks.set_function(lambda: tts.rest_fallbacks)
+            app.state.metrics.tts_inline_connects.set_function(lambda: tts.inline_connects)
         await post_call.start()
         # Start-up loaded ~600k long-lived objects (torch, MiniLM, Chroma, Silero): move them
         # out of the collector's reach, or every full collection stalls all live calls for

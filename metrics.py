@@ -90,6 +90,12 @@ class PipelineMetrics:
             " of flushes (DEEPGRAM_TTS_SOCKETS)",
             registry=r,
         )
+        self.tts_inline_connects = Gauge(
+            "aisdr_tts_inline_connect_requests",
+            "TTS requests since start that waited for a new speak socket's handshake because"
+            " no spare was ready (DEEPGRAM_TTS_SPARE_SOCKETS)",
+            registry=r,
+        )
 
         self.loop_lag = Histogram(
             "aisdr_event_loop_lag_seconds",

@@ -196,6 +196,9 @@ class DeepgramStreamingTTS:
         self._background: set[asyncio.Task[None]] = set()
         self.rest_fallbacks = 0
         """Requests sent over REST because every socket was busy or out of flushes."""
+        self.inline_connects = 0
+        """Requests that found no ready socket and waited for a new one's handshake (the
+        spares are there to keep this near zero)."""
 
     @property
     def open_sockets(self) -> int:
@@ -236,6 +239,8 @@ class DeepgramStreamingTTS:
                 except (ApiError, *_WS_ERRORS) as exc:
                     attempt = self._retry_or_raise(exc, attempt)
                     continue
+                if sock is not None:
+                    self.inline_connects += 1
                 if sock is None:  # no socket to be had: this chunk goes over REST
                     self.rest_fallbacks += 1
                     async with contextlib.aclosing(self._rest.synthesize(text, voice=voice)) as c:

@@ -31,6 +31,7 @@ from bench.targets import evaluate
 DROPPED = "aisdr_inbound_frames_dropped_total"
 TTS_SOCKETS = "aisdr_tts_sockets_open"
 TTS_REST = "aisdr_tts_rest_fallback_requests"
+TTS_INLINE = "aisdr_tts_inline_connect_requests"
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
     result["tts_sockets"] = {  # the speak WebSocket pool, when the service uses it
         "open_after": after.metrics.get(TTS_SOCKETS),
         "rest_fallbacks": after.metrics.get(TTS_REST, 0) - before.metrics.get(TTS_REST, 0),
+        "inline_connects": after.metrics.get(TTS_INLINE, 0) - before.metrics.get(TTS_INLINE, 0),
     }
     result["run"] = {**asdict(config), "providers": asdict(providers), "cores": os.cpu_count()}
     result["targets"] = evaluate(result, providers, script)

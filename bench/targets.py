@@ -168,7 +168,8 @@ def table(report: dict[str, Any]) -> str:
     if pool.get("open_after") is not None:
         lines.append(
             f"TTS speak sockets open after the load: {_cell(pool['open_after'])}, "
-            f"chunks sent over REST (no socket free): {_cell(pool['rest_fallbacks'])}"
+            f"chunks sent over REST (no socket free): {_cell(pool['rest_fallbacks'])}, "
+            f"chunks that waited for a handshake: {_cell(pool.get('inline_connects'))}"
         )
     caller = report["caller"]
     lines.append(

@@ -774,6 +774,7 @@ async def test_tts_keeps_a_spare_socket_open_so_a_request_never_waits_for_a_hand
         await adapter.aclose()
 
     assert [r.socket for r in deepgram.speak_requests] == [1, 2]
+    assert adapter.inline_connects == 1  # only the first request waited for a handshake
     assert adapter.open_sockets == 0
 
 

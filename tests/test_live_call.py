@@ -69,6 +69,10 @@ async def test_whole_call_greeting_two_exchanges_goodbye(tmp_path, lines, caplog
     assert "aisdr_tts_rest_fallback_requests 0.0" in metrics
     pooled = re.search(r"^aisdr_tts_sockets_open (\S+)$", metrics, re.MULTILINE)
     assert pooled is not None and 1 <= float(pooled.group(1)) <= speak_sockets
+    # the first chunk waited for a handshake; spares were opened beside the ones requests
+    # opened (the adapter tests pin down which request each one serves)
+    inline = re.search(r"^aisdr_tts_inline_connect_requests (\S+)$", metrics, re.MULTILINE)
+    assert inline is not None and 1 <= float(inline.group(1)) < speak_sockets
     assert call["ended_reason"] == "assistant-ended-call"
     assert call["status"] == "completed"
     turns = [(t["role"], t["text"]) for t in call["turns"]]
