@@ -141,8 +141,8 @@ class DeepgramStreamingTTS:
     pipeline overhead (BENCHMARKS.md, tenth round).
 
     Sockets are pooled per voice and serve one request at a time, the most recently used
-    first; one left unused for `idle_close_s` is closed when another socket comes back, so
-    the pool shrinks to what the traffic uses. Deepgram allows `flush_limit` flushes per
+    first; one left unused for `idle_close_s` is closed (see the spares below), so the pool
+    shrinks to what the traffic uses. Deepgram allows `flush_limit` flushes per
     `flush_window_s` on a socket, so a socket that has used them rests and another one
     serves. At most `max_sockets` are open, fewer for `LIMITED_S` after Deepgram refused one
     with 429 (its concurrency limit counts them); a request that finds no socket free goes
@@ -239,14 +239,13 @@ class DeepgramStreamingTTS:
                 except (ApiError, *_WS_ERRORS) as exc:
                     attempt = self._retry_or_raise(exc, attempt)
                     continue
-                if sock is not None:
-                    self.inline_connects += 1
                 if sock is None:  # no socket to be had: this chunk goes over REST
                     self.rest_fallbacks += 1
                     async with contextlib.aclosing(self._rest.synthesize(text, voice=voice)) as c:
                         async for chunk in c:
                             yield chunk
                     return
+                self.inline_connects += 1
             started, held = False, True
             try:
                 async with contextlib.aclosing(self._speak_on(sock, text)) as chunks:
@@ -315,26 +314,31 @@ class DeepgramStreamingTTS:
             keep = 1 + self._spare if in_use else 0
             while len(idle) > keep and now - idle[0].idle_since > self._idle_close_s:
                 self._spawn(self._close(idle.pop(0)))
-        if self._sweep_timer is None and not self._closing and self.idle_sockets:
+        if self._sweep_timer is None and not self._closing and any(self._idle.values()):
             self._sweep_timer = loop.call_later(self._idle_close_s, self._sweep)
 
     def _sweep(self) -> None:
         self._sweep_timer = None
         self._close_unused()
 
-    def _ready(self, voice: str) -> int:
-        """Idle sockets of `voice` that could serve a request now."""
+    def _ready(self, voice: str, enough: int) -> int:
+        """Idle sockets of `voice` that could serve a request now, counted up to `enough`
+        (the most recent first, as they are taken)."""
         now = asyncio.get_running_loop().time()
         limit, window = self._flush_limit, self._flush_window_s
-        idle = self._idle.get(voice, ())
-        return sum(1 for s in idle if not s.closed and s.has_flush_room(now, limit, window))
+        ready = 0
+        for sock in reversed(self._idle.get(voice, ())):
+            if ready >= enough:
+                break
+            ready += not sock.closed and sock.has_flush_room(now, limit, window)
+        return ready
 
     def _keep_spares(self, voice: str) -> None:
         """Open sockets in the background until `spare_sockets` are ready for `voice`."""
         if self._closing or asyncio.get_running_loop().time() < self._spares_after:
             return
-        warming = self._warming.get(voice, 0)
-        for _ in range(self._spare - self._ready(voice) - warming):
+        wanted = self._spare - self._warming.get(voice, 0)
+        for _ in range(wanted - self._ready(voice, wanted)):
             if self._open >= self._socket_limit():
                 return
             self._warming[voice] = self._warming.get(voice, 0) + 1
