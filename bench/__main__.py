@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.runner import RunConfig, run_sync
 from bench.script import SCRIPTS, Providers, emulator_config
-from bench.stack import BenchStack
+from bench.stack import BenchStack, pin_process
 from bench.targets import table
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="niceness of the load generator (the simulated callers) once the service and"
         " emulators are up; they keep theirs, so the scheduler runs the service first",
+    )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="once up, run the service on CPU 0 and the load generator and emulators on the"
+        " other CPUs (sched_setaffinity), so the two sides do not take turns on one core",
     )
     p.add_argument("--out", type=Path, help="JSON report path (default bench/results/...)")
     return p.parse_args(argv)
@@ -148,6 +154,20 @@ def sweep(stack: BenchStack, args: argparse.Namespace, providers: Providers) -> 
     return {"highest_passing_calls": low, "first_failing_calls": high, "steps": steps}
 
 
+def pin_sides(stack: BenchStack) -> dict[str, list[int]]:
+    """The service's threads on the first CPU it may use; this process (the callers) and the
+    emulators on the rest."""
+    assert stack.server is not None and stack.emulators is not None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least two CPUs")
+    service, rest = {cpus[0]}, set(cpus[1:])
+    pin_process(stack.server.pid, service)
+    pin_process(stack.emulators.pid, rest)
+    pin_process(os.getpid(), rest)
+    return {"service": sorted(service), "generator_and_emulators": sorted(rest)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     providers = providers_from(args)
@@ -171,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 # This thread runs the callers' event loop; nice is per thread on Linux, and
                 # the service and emulators, started already, keep their own.
                 os.setpriority(os.PRIO_PROCESS, 0, args.generator_nice)
+            pinned = pin_sides(stack) if args.pin else None
             if args.sweep:
                 result = sweep(stack, args, providers)
             else:
@@ -179,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(table(result), flush=True)
         result["command"] = "python -m bench " + " ".join(argv or sys.argv[1:])
         result["generator_nice"] = args.generator_nice
+        result["pinned"] = pinned
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"report: {out} (service and emulator logs: {out.with_suffix('.log').name})")
     return 0

@@ -10,6 +10,7 @@ Imports nothing of ours: it starts `python -m emulators` and `python -m uvicorn 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -49,6 +50,17 @@ def proc_sample(pid: int) -> ProcSample:
     cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14, 15
     resident = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
     return ProcSample(time.monotonic(), cpu, resident * PAGE_BYTES)
+
+
+def pin_process(pid: int, cpus: set[int]) -> int:
+    """Restrict every thread of `pid` to `cpus` (sched_setaffinity is per thread on Linux,
+    and threads already running keep their own mask). Returns how many threads were set."""
+    count = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(task.name), cpus)
+            count += 1
+    return count
 
 
 def free_port() -> int:
