@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 config = RunConfig(args.calls, args.duration, args.stagger, args.script)
                 result = measure(stack, config, providers, args)
+                result["pinned"] = pinned
                 print(table(result), flush=True)
         result["command"] = "python -m bench " + " ".join(argv or sys.argv[1:])
         result["generator_nice"] = args.generator_nice

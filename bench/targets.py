@@ -130,6 +130,10 @@ def _rows(report: dict[str, Any], rows: list[tuple[str, str]]) -> list[str]:
     return lines
 
 
+def _cpus(cpus: list[int]) -> str:
+    return ",".join(str(cpu) for cpu in cpus)
+
+
 def table(report: dict[str, Any]) -> str:
     """Percentile rows, counters, resources and targets as plain text."""
     lines = [f"{'ms':40} {'n':>6} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}"]
@@ -184,6 +188,11 @@ def table(report: dict[str, Any]) -> str:
             f"NOTE: the hypervisor took {_cell(steal)}% of this machine's CPU time during the "
             "load (steal). Latency tails follow it (BENCHMARKS.md, eleventh round): compare "
             "runs taken at similar steal."
+        )
+    if pinned := report.get("pinned"):
+        lines.append(
+            f"pinned: the service on CPU {_cpus(pinned['service'])}, the load generator and"
+            f" the emulators on CPU {_cpus(pinned['generator_and_emulators'])}"
         )
     lines.append("")
     for t in report["targets"]:

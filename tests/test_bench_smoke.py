@@ -5,12 +5,14 @@ Asserts that the report is complete and the calls went through; never on speed."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bench.stack import pin_process
 from bench.targets import table
 
 pytestmark = pytest.mark.slow
@@ -165,3 +167,25 @@ def test_the_table_notes_a_run_taken_while_the_hypervisor_stole_cpu() -> None:
 
     assert "NOTE" not in quiet
     assert "NOTE: the hypervisor took 7.7% of this machine's CPU time" in noisy
+
+
+def test_pinning_a_process_sets_every_one_of_its_running_threads() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs to tell a pinned thread from an unpinned one")
+    sleeper = "threading.Thread(target=time.sleep, args=(30,), daemon=True)"
+    threads = f"[{sleeper}.start() for _ in '123']"
+    code = f"import threading, time; {threads}; print('up', flush=True); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "up\n"
+        before = {int(t) for t in os.listdir(f"/proc/{child.pid}/task")}
+        assert all(os.sched_getaffinity(tid) == set(cpus) for tid in before)
+
+        count = pin_process(child.pid, {cpus[-1]})
+
+        assert count == len(before) == 4  # the main thread and the three sleepers
+        assert all(os.sched_getaffinity(tid) == {cpus[-1]} for tid in before)
+    finally:
+        child.kill()
+        child.wait()
