@@ -192,17 +192,17 @@ def main(argv: list[str] | None = None) -> int:
                 # This thread runs the callers' event loop; nice is per thread on Linux, and
                 # the service and emulators, started already, keep their own.
                 os.setpriority(os.PRIO_PROCESS, 0, args.generator_nice)
-            pinned = pin_sides(stack) if args.pin else None
+            if args.pin:
+                stack.pinned = pin_sides(stack)
             if args.sweep:
                 result = sweep(stack, args, providers)
             else:
                 config = RunConfig(args.calls, args.duration, args.stagger, args.script)
                 result = measure(stack, config, providers, args)
-                result["pinned"] = pinned
                 print(table(result), flush=True)
         result["command"] = "python -m bench " + " ".join(argv or sys.argv[1:])
         result["generator_nice"] = args.generator_nice
-        result["pinned"] = pinned
+        result["pinned"] = stack.pinned
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"report: {out} (service and emulator logs: {out.with_suffix('.log').name})")
     return 0

@@ -44,11 +44,11 @@ class RunConfig:
 
 
 class PeakSampler:
-    """Samples a process's RSS and CPU every `period` s in a thread: the peak RSS, and the
-    busiest `window` s of CPU (as a share of one core)."""
+    """Samples processes' RSS and CPU every `period` s in a thread, summed over `pids`: the
+    peak RSS, and the busiest `window` s of CPU (as a share of one core)."""
 
-    def __init__(self, pid: int, period: float = 0.5, window: float = 2.0) -> None:
-        self.pid, self.period, self.window = pid, period, window
+    def __init__(self, *pids: int, period: float = 0.5, window: float = 2.0) -> None:
+        self.pids, self.period, self.window = pids, period, window
         self.peak_rss = 0
         self.samples: list[ProcSample] = []
         self._stop = threading.Event()
@@ -65,7 +65,12 @@ class PeakSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(OSError):
-                sample = proc_sample(self.pid)
+                each = [proc_sample(pid) for pid in self.pids]
+                sample = ProcSample(
+                    time.monotonic(),
+                    sum(one.cpu_s for one in each),
+                    sum(one.rss_bytes for one in each),
+                )
                 self.samples.append(sample)
                 self.peak_rss = max(self.peak_rss, sample.rss_bytes)
             self._stop.wait(self.period)
@@ -136,7 +141,12 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
     idle_rate = await idle_cpu_rate(stack)
     before = await take_readings(stack)
     load_start = time.monotonic()
-    with PeakSampler(server_pid(stack)) as sampler:
+    assert stack.emulators is not None
+    with (
+        PeakSampler(server_pid(stack)) as sampler,
+        PeakSampler(os.getpid()) as generator,
+        PeakSampler(os.getpid(), stack.emulators.pid) as generator_side,
+    ):
         placed = await run_load(stack, plan)
     load_end = time.monotonic()
     outcomes = [o for o in placed if not o.refused]
@@ -149,6 +159,8 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
     calls["refused"] = len(placed) - len(outcomes)
     result = _figures(outcomes, script, providers, calls)
     result["resources"] = resources(before, after, sampler, idle_rate, calls)
+    result["resources"]["load_generator_peak_cpu_pct"] = generator.peak_cpu_pct
+    result["resources"]["generator_and_emulators_peak_cpu_pct"] = generator_side.peak_cpu_pct
     result["resources"]["settle_s"] = round(settle_s, 1)
     result["resources"]["after_hangup_cpu_s"] = round(_cpu_delta(at_hangup, after.server), 2)
     result["emulator_floor"] = floor  # before evaluate(): the net overhead needs it
@@ -166,6 +178,7 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
         "inline_connects": after.metrics.get(TTS_INLINE, 0) - before.metrics.get(TTS_INLINE, 0),
     }
     result["run"] = {**asdict(config), "providers": asdict(providers), "cores": os.cpu_count()}
+    result["pinned"] = stack.pinned
     result["targets"] = evaluate(result, providers, script)
     return result
 

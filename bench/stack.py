@@ -112,6 +112,8 @@ class BenchStack:
         self.emulators: subprocess.Popen[str] | None = None
         self.server: subprocess.Popen[bytes] | None = None
         self.emulator_urls: dict[str, str] = {}
+        self.pinned: dict[str, list[int]] | None = None
+        """Set by the bench's --pin: the CPUs of the service and of the other side."""
         self.port = 0
         self.agent: dict[str, Any] | None = None
 

@@ -24,6 +24,9 @@ NOISY_STEAL_PCT = 2.0
 """CPU steal (time the hypervisor gave this VM's CPUs to others) from which a run's table
 says its tails are the host's as much as the service's."""
 
+SATURATED_GENERATOR = 0.9
+"""Share of its CPU from which the callers' side (the busiest 2 s) counts as saturated."""
+
 
 def _get(report: dict[str, Any], path: str) -> Any:
     value: Any = report
@@ -130,6 +133,23 @@ def _rows(report: dict[str, Any], rows: list[tuple[str, str]]) -> list[str]:
     return lines
 
 
+def _generator_note(report: dict[str, Any]) -> str | None:
+    """A note when the callers' side ran out of CPU: the generator is one event loop, so one
+    core bounds it, and pinned it shares its CPUs with the emulators."""
+    resources, pinned = report.get("resources", {}), report.get("pinned")
+    peak, limit = resources.get("load_generator_peak_cpu_pct"), 100.0
+    if pinned:
+        peak = resources.get("generator_and_emulators_peak_cpu_pct")
+        limit = 100.0 * len(pinned["generator_and_emulators"])
+    if peak is None or peak < SATURATED_GENERATOR * limit:
+        return None
+    return (
+        f"NOTE: the load generator's side peaked at {_cell(peak)}% CPU (of {_cell(limit)}%)."
+        " A saturated generator timestamps late, so its jitter, underrun and barge-in"
+        " figures read high: compare with fewer calls, or without --pin."
+    )
+
+
 def _cpus(cpus: list[int]) -> str:
     return ",".join(str(cpu) for cpu in cpus)
 
@@ -189,6 +209,8 @@ def table(report: dict[str, Any]) -> str:
             "load (steal). Latency tails follow it (BENCHMARKS.md, eleventh round): compare "
             "runs taken at similar steal."
         )
+    if note := _generator_note(report):
+        lines.append(note)
     if pinned := report.get("pinned"):
         lines.append(
             f"pinned: the service on CPU {_cpus(pinned['service'])}, the load generator and"

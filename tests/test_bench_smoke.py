@@ -169,6 +169,31 @@ def test_the_table_notes_a_run_taken_while_the_hypervisor_stole_cpu() -> None:
     assert "NOTE: the hypervisor took 7.7% of this machine's CPU time" in noisy
 
 
+def test_the_table_notes_a_run_whose_load_generator_ran_out_of_cpu() -> None:
+    caller = {"underruns": 0, "barge_in_missed": 0, "frames_received": 10, "frames_after_clear": 0}
+    resources = {"load_generator_peak_cpu_pct": 60.0, "generator_and_emulators_peak_cpu_pct": 85.0}
+    report: dict = {
+        "calls": {"placed": 1, "completed": 1},
+        "backchannel": {},
+        "resources": resources,
+        "caller": caller,
+        "inbound_frames_dropped": 0,
+        "targets": [],
+    }
+    unpinned_ok = table(report)
+    resources["load_generator_peak_cpu_pct"] = 97.0
+    unpinned_saturated = table(report)
+    report["pinned"] = {"service": [0], "generator_and_emulators": [1]}
+    pinned_ok = table(report)  # its side's CPU is the sum with the emulators: 85 of 100
+    resources["generator_and_emulators_peak_cpu_pct"] = 99.5
+    pinned_saturated = table(report)
+
+    assert "load generator's side" not in unpinned_ok + pinned_ok
+    assert "side peaked at 97% CPU (of 100%)" in unpinned_saturated
+    assert "side peaked at 99.5% CPU (of 100%)" in pinned_saturated
+    assert "the service on CPU 0, the load generator and the emulators on CPU 1" in pinned_ok
+
+
 def test_pinning_a_process_sets_every_one_of_its_running_threads() -> None:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
