@@ -28,7 +28,8 @@ SATURATED_GENERATOR = 0.9
 """Share of its CPU from which the callers' side (the busiest 2 s) counts as saturated."""
 
 
-def _get(report: dict[str, Any], path: str) -> Any:
+def report_field(report: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path ("caller.jitter_ms.p99") in a report, or None."""
     value: Any = report
     for key in path.split("."):
         value = value.get(key) if isinstance(value, dict) else None
@@ -42,9 +43,9 @@ def _target(name: str, value: Any, limit: float, kind: str = "<=") -> dict[str, 
 
 def _net_overhead(report: dict[str, Any]) -> float | None:
     """Overhead p95 less the emulators' own median extra delay (LLM + TTS), measured idle."""
-    total = _get(report, "server.overhead.total.p95")
-    llm = _get(report, "emulator_floor.llm_ttft_extra_ms.p50")
-    tts = _get(report, "emulator_floor.tts_first_byte_extra_ms.p50")
+    total = report_field(report, "server.overhead.total.p95")
+    llm = report_field(report, "emulator_floor.llm_ttft_extra_ms.p50")
+    tts = report_field(report, "emulator_floor.tts_first_byte_extra_ms.p50")
     if total is None or llm is None or tts is None:
         return None
     return round(total - llm - tts, 1)
@@ -56,28 +57,32 @@ def evaluate(report: dict[str, Any], providers: Providers, script: CallScript) -
     targets = [
         _target("calls completed (all)", calls["completed"], calls["placed"], ">="),
         _target("inbound frames dropped", report["inbound_frames_dropped"], 0),
-        _target("calls per server core", _get(report, "resources.calls_per_core"), 200, ">="),
-        _target("pipeline overhead p95 ms", _get(report, "server.overhead.total.p95"), 10),
+        _target(
+            "calls per server core", report_field(report, "resources.calls_per_core"), 200, ">="
+        ),
+        _target("pipeline overhead p95 ms", report_field(report, "server.overhead.total.p95"), 10),
         _target("  same, net of emulator floor", _net_overhead(report), 10),
         _target(
             "voice-to-voice p95 ms (providers + 30)",
-            _get(report, "caller.voice_to_voice_ms.p95"),
+            report_field(report, "caller.voice_to_voice_ms.p95"),
             budget + SLACK_MS,
         ),
         _target(
             "voice-to-voice p95 ms (+ turn detection)",
-            _get(report, "caller.voice_to_voice_ms.p95"),
+            report_field(report, "caller.voice_to_voice_ms.p95"),
             budget + TURN_DETECTION_MS + SLACK_MS,
         ),
-        _target("outbound jitter p99 ms", _get(report, "caller.jitter_ms.p99"), 20),
-        _target("playout underruns", _get(report, "caller.underruns"), 0),
-        _target("RSS per call MB", _get(report, "resources.rss_per_call_mb"), 2),
+        _target("outbound jitter p99 ms", report_field(report, "caller.jitter_ms.p99"), 20),
+        _target("playout underruns", report_field(report, "caller.underruns"), 0),
+        _target("RSS per call MB", report_field(report, "resources.rss_per_call_mb"), 2),
     ]
     if script.name == "full":
         targets += [
-            _target("barge-in p95 ms", _get(report, "caller.barge_in_ms.p95"), 150),
-            _target("barge-ins missed", _get(report, "caller.barge_in_missed"), 0),
-            _target("false interruptions", _get(report, "backchannel.false_interruptions"), 0),
+            _target("barge-in p95 ms", report_field(report, "caller.barge_in_ms.p95"), 150),
+            _target("barge-ins missed", report_field(report, "caller.barge_in_missed"), 0),
+            _target(
+                "false interruptions", report_field(report, "backchannel.false_interruptions"), 0
+            ),
         ]
     return targets
 
@@ -127,7 +132,7 @@ _LATENESS_ROWS = [
 def _rows(report: dict[str, Any], rows: list[tuple[str, str]]) -> list[str]:
     lines = []
     for label, path in rows:
-        p = _get(report, path) or {}
+        p = report_field(report, path) or {}
         cells = [_cell(p.get(k)) for k in ("n", "p50", "p95", "p99", "max")]
         lines.append(f"{label:40} {cells[0]:>6} " + " ".join(f"{c:>8}" for c in cells[1:]))
     return lines
@@ -175,7 +180,7 @@ def table(report: dict[str, Any]) -> str:
             "as the emulators timed it; counted in the overhead above):"
         )
         lines += _rows(report, _LATENESS_ROWS)
-        net = _get(report, "server.overhead_net_of_emulator_lateness.p95_ms")
+        net = report_field(report, "server.overhead_net_of_emulator_lateness.p95_ms")
         lines.append(
             "pipeline overhead p95 net of emulator lateness p95 (LLM + TTS), approximate "
             f"(p95s do not subtract exactly): {_cell(net)} ms"
@@ -202,7 +207,7 @@ def table(report: dict[str, Any]) -> str:
         f"frames_received={caller['frames_received']}, "
         f"frames_after_clear={caller['frames_after_clear']}"
     )
-    steal = _get(report, "resources.machine_cpu_steal_pct")
+    steal = report_field(report, "resources.machine_cpu_steal_pct")
     if steal is not None and steal >= NOISY_STEAL_PCT:
         lines.append(
             f"NOTE: the hypervisor took {_cell(steal)}% of this machine's CPU time during the "

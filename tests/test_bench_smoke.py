@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import compare
 from bench.stack import pin_process
 from bench.targets import table
 
@@ -214,3 +215,48 @@ def test_pinning_a_process_sets_every_one_of_its_running_threads() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def _run_report(calls: int, overhead_p95: float, **extra: object) -> dict:
+    return {
+        "run": {"calls": calls},
+        "calls": {"completed": calls},
+        "server": {"overhead": {"total": {"p50": 1.5, "p95": overhead_p95}}},
+        "resources": {"calls_per_core": 300.0},
+        **extra,
+    }
+
+
+def test_compare_gives_a_row_per_run_and_per_sweep_step(tmp_path: Path) -> None:
+    pinned = {"service": [0], "generator_and_emulators": [1]}
+    run = _run_report(100, 6.5, pinned=None)
+    old = _run_report(100, 21.5)  # an earlier round's report: no pinning field at all
+    sweep = {"pinned": pinned, "steps": [_run_report(50, 4.0), _run_report(25, 3.5)]}
+    paths = []
+    for name, report in (("a", run), ("old", old), ("sw", sweep)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report))
+    header = ["run", "pinned", *(title for title, _ in compare.COLUMNS)]
+
+    table_rows = compare.rows(paths)
+    cells = [dict(zip(header, row, strict=True)) for row in table_rows]
+
+    assert [c["run"] for c in cells] == ["a", "old", "sw@25", "sw@50"]  # steps by N
+    assert [c["pinned"] for c in cells] == ["no", "-", "yes", "yes"]
+    assert [c["overhead p95"] for c in cells] == ["6.5", "21.5", "3.5", "4"]
+    assert {c["steal %"] for c in cells} == {"-"}  # absent from these reports
+    markdown = compare.render(paths, markdown=True).splitlines()
+    assert markdown[0].startswith("| run | pinned | steal %") and len(markdown) == 6
+
+
+def test_compare_refuses_a_missing_or_foreign_file_by_name(tmp_path: Path, capsys) -> None:
+    foreign = tmp_path / "list.json"
+    foreign.write_text("[1, 2]")
+    for argv, message in (
+        ([str(tmp_path / "gone.json")], "no such report: "),
+        ([str(foreign)], "not a bench report"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            compare.main(argv)
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
