@@ -81,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--pin",
         action="store_true",
-        help="once up, run the service on CPU 0 and the load generator and emulators on the"
-        " other CPUs (sched_setaffinity), so the two sides do not take turns on one core",
+        help="once up, run the service on the first CPU and the load generator and emulators on"
+        " the others (sched_setaffinity), so the two sides do not take turns on one core",
     )
     p.add_argument("--out", type=Path, help="JSON report path (default bench/results/...)")
     return p.parse_args(argv)
