@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.targets import report_field
+from bench.targets import fmt_cell, report_field
 
 COLUMNS: list[tuple[str, str]] = [
     ("steal %", "resources.machine_cpu_steal_pct"),
@@ -50,20 +50,12 @@ def runs(path: Path, report: dict[str, Any]) -> Iterator[tuple[str, dict[str, An
         yield name, report
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
 def rows(paths: list[Path]) -> list[list[str]]:
     out = []
     for path in paths:
         for name, run in runs(path, json.loads(path.read_text())):
             pinned = "yes" if run.get("pinned") else ("no" if "pinned" in run else "-")
-            out.append([name, pinned, *(_cell(report_field(run, key)) for _, key in COLUMNS)])
+            out.append([name, pinned, *(fmt_cell(report_field(run, key)) for _, key in COLUMNS)])
     return out
 
 

@@ -119,7 +119,8 @@ _ROWS = [
 ]
 
 
-def _cell(value: Any) -> str:
+def fmt_cell(value: Any) -> str:
+    """A figure as a table cell: "-" when missing, floats without trailing zeros."""
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -133,7 +134,7 @@ def _rows(report: dict[str, Any], rows: list[tuple[str, str]]) -> list[str]:
     lines = []
     for label, path in rows:
         p = report_field(report, path) or {}
-        cells = [_cell(p.get(k)) for k in ("n", "p50", "p95", "p99", "max")]
+        cells = [fmt_cell(p.get(k)) for k in ("n", "p50", "p95", "p99", "max")]
         lines.append(f"{label:40} {cells[0]:>6} " + " ".join(f"{c:>8}" for c in cells[1:]))
     return lines
 
@@ -149,7 +150,7 @@ def _generator_note(report: dict[str, Any]) -> str | None:
     if peak is None or peak < SATURATED_GENERATOR * limit:
         return None
     return (
-        f"NOTE: the load generator's side peaked at {_cell(peak)}% CPU (of {_cell(limit)}%)."
+        f"NOTE: the load generator's side peaked at {fmt_cell(peak)}% CPU (of {fmt_cell(limit)}%)."
         " A saturated generator timestamps late, so its jitter, underrun and barge-in"
         " figures read high: compare with fewer calls, or without --pin."
     )
@@ -166,13 +167,13 @@ def table(report: dict[str, Any]) -> str:
     lines.append("")
     for section in ("calls", "backchannel", "resources"):
         flat = {k: v for k, v in report[section].items() if not isinstance(v, dict | list)}
-        lines.append(f"{section}: " + ", ".join(f"{k}={_cell(v)}" for k, v in flat.items()))
+        lines.append(f"{section}: " + ", ".join(f"{k}={fmt_cell(v)}" for k, v in flat.items()))
     for call in report["calls"].get("incomplete", []):
         lines.append(f"incomplete call {call['call_id']}: {call['why']}")
     floor = report.get("emulator_floor") or {}
     lines.append(
         "emulator floor (direct, idle; counted in the overhead above): "
-        + ", ".join(f"{k} p50={_cell((v or {}).get('p50'))}" for k, v in floor.items())
+        + ", ".join(f"{k} p50={fmt_cell((v or {}).get('p50'))}" for k, v in floor.items())
     )
     if "emulator_lateness" in report:
         lines.append(
@@ -183,26 +184,27 @@ def table(report: dict[str, Any]) -> str:
         net = report_field(report, "server.overhead_net_of_emulator_lateness.p95_ms")
         lines.append(
             "pipeline overhead p95 net of emulator lateness p95 (LLM + TTS), approximate "
-            f"(p95s do not subtract exactly): {_cell(net)} ms"
+            f"(p95s do not subtract exactly): {fmt_cell(net)} ms"
         )
     lag = report.get("loop_lag") or {}
     if lag.get("n"):
         lines.append(
             f"service event-loop lag (a timer every 0.25 s, n={lag['n']}; bucket bounds): "
-            f"p50 <= {_cell(lag['p50_le_ms'])} ms, p95 <= {_cell(lag['p95_le_ms'])} ms, "
-            f"p99 <= {_cell(lag['p99_le_ms'])} ms, over 10 ms {_cell(lag['over_10ms_pct'])}%, "
-            f"mean {_cell(lag['mean_ms'])} ms"
+            f"p50 <= {fmt_cell(lag['p50_le_ms'])} ms, p95 <= {fmt_cell(lag['p95_le_ms'])} ms, "
+            f"p99 <= {fmt_cell(lag['p99_le_ms'])} ms, "
+            f"over 10 ms {fmt_cell(lag['over_10ms_pct'])}%, "
+            f"mean {fmt_cell(lag['mean_ms'])} ms"
         )
     pool = report.get("tts_sockets") or {}
     if pool.get("open_after") is not None:
         lines.append(
-            f"TTS speak sockets open after the load: {_cell(pool['open_after'])}, "
-            f"chunks sent over REST (no socket free): {_cell(pool['rest_fallbacks'])}, "
-            f"chunks that waited for a handshake: {_cell(pool.get('inline_connects'))}"
+            f"TTS speak sockets open after the load: {fmt_cell(pool['open_after'])}, "
+            f"chunks sent over REST (no socket free): {fmt_cell(pool['rest_fallbacks'])}, "
+            f"chunks that waited for a handshake: {fmt_cell(pool.get('inline_connects'))}"
         )
     caller = report["caller"]
     lines.append(
-        f"counters: inbound_frames_dropped={_cell(report['inbound_frames_dropped'])}, "
+        f"counters: inbound_frames_dropped={fmt_cell(report['inbound_frames_dropped'])}, "
         f"underruns={caller['underruns']}, barge_in_missed={caller['barge_in_missed']}, "
         f"frames_received={caller['frames_received']}, "
         f"frames_after_clear={caller['frames_after_clear']}"
@@ -210,7 +212,7 @@ def table(report: dict[str, Any]) -> str:
     steal = report_field(report, "resources.machine_cpu_steal_pct")
     if steal is not None and steal >= NOISY_STEAL_PCT:
         lines.append(
-            f"NOTE: the hypervisor took {_cell(steal)}% of this machine's CPU time during the "
+            f"NOTE: the hypervisor took {fmt_cell(steal)}% of this machine's CPU time during the "
             "load (steal). Latency tails follow it (BENCHMARKS.md, eleventh round): compare "
             "runs taken at similar steal."
         )
@@ -224,5 +226,5 @@ def table(report: dict[str, Any]) -> str:
     lines.append("")
     for t in report["targets"]:
         mark = "MET   " if t["met"] else "MISSED"
-        lines.append(f"{mark} {t['target']:42} {_cell(t['value']):>10} {t['limit']}")
+        lines.append(f"{mark} {t['target']:42} {fmt_cell(t['value']):>10} {t['limit']}")
     return "\n".join(lines)
