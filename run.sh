@@ -5,4 +5,4 @@ cd "$(dirname "$0")"
 scripts/setup.sh
 mkdir -p data
 exec .venv/bin/uvicorn main:create_app --factory --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" \
-  --ws media_ws:MediaStreamProtocol --ws-per-message-deflate false "$@"
+  --ws api.media_ws:MediaStreamProtocol --ws-per-message-deflate false "$@"

@@ -30,42 +30,42 @@ import contextlib
 import functools
 import json
 import logging
-import re
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import orjson
 
-from metrics import PipelineMetrics
-from providers import (
-    Clock,
+from pipeline.contracts import (
+    AgentConfig,
+    MediaTransport,
+    PipelineDeps,
+    ToolContext,
+    ToolOutcome,
+)
+from pipeline.providers import (
     LLMError,
-    LLMProvider,
     Message,
     ProviderError,
     SpeechStarted,
     STTError,
-    STTProvider,
     STTStream,
     ToolCall,
     Transcript,
     TTSError,
-    TTSProvider,
     UtteranceEnd,
 )
-from utils import FRAME_BYTES, SAMPLE_RATE
-from vad import (
+from pipeline.speech import BargeIn, Chunk, EarlyAnswer, Speech, TurnTiming
+from pipeline.text import SentenceChunker, is_backchannel, words_of
+from pipeline.vad import (
     WINDOW_SAMPLES,
-    VADBatcher,
     VADPause,
     VADResume,
     VADSpeechEnd,
     VADSpeechStart,
     VADStream,
 )
+from utils import FRAME_BYTES, SAMPLE_RATE
 
 log = logging.getLogger("ai_sdr.pipeline")
 
@@ -116,308 +116,10 @@ PACER_GRID_S = 0.005
 wake-ups. A send is at most 5 ms later than its lead allows, against a 300 ms lead."""
 
 
-# --- contracts the app provides ---------------------------------------------------------
-
-
-@dataclass(slots=True)
-class AgentConfig:
-    """Everything a call needs from its agent and call records, templates already filled."""
-
-    call_id: str
-    agent_id: str
-    system_prompt: str
-    first_message: str = ""
-    first_message_mode: str = "assistant_speaks_first"
-    voice: str = "aura-2-thalia-en"
-    language: str = "en-US"
-    llm_model: str = "llama3.2"
-    temperature: float = 0.4
-    max_call_seconds: float = 900.0
-    silence_timeout_s: float = 10.0
-    end_call_phrases: list[str] = field(default_factory=list)
-    min_interrupt_speech_ms: int = 60
-    min_interrupt_words: int = 0
-    backchannel_phrases: list[str] = field(default_factory=list)
-    fallback_line: str = "Sorry, I'm having trouble right now. Could you say that again?"
-    tools: list[dict[str, Any]] = field(default_factory=list)
-    direction: str = "inbound"
-    caller_number: str = ""
-    agent_number: str = ""
-    transfer_number: str = ""
-    caller_memory: str = ""
-    variables: dict[str, Any] = field(default_factory=dict)
-
-
-class MediaTransport(Protocol):
-    """The Twilio WebSocket as the pipeline sees it. A transport may also offer
-    `subscribe(sink) -> bool`: text messages then go to `sink` as they are read, not
-    through `receive_text()` (which still returns None at the end)."""
-
-    async def receive_text(self) -> str | None:
-        """The next text message, or None once the peer has gone."""
-        ...
-
-    async def send_text(self, text: str) -> None: ...
-
-    async def close(self, code: int = 1000) -> None: ...
-
-
-class CallStore(Protocol):
-    async def load_config(self, call_id: str) -> AgentConfig | None: ...
-
-    async def stream_started(self, call_id: str, *, stream_sid: str, call_sid: str) -> None: ...
-
-    async def add_turn(self, call_id: str, **fields: Any) -> None: ...
-
-    async def add_event(
-        self, call_id: str, type_: str, data: dict[str, Any], call_time_s: float | None = None
-    ) -> None: ...
-
-    async def set_fields(self, call_id: str, **fields: Any) -> None: ...
-
-    async def finish(self, call_id: str, *, ended_reason: str) -> None: ...
-
-
-class CallControl(Protocol):
-    """Telephony actions on the live call (Twilio REST)."""
-
-    async def hang_up(self, call_sid: str) -> None: ...
-
-    async def transfer(self, call_sid: str, *, number: str, caller_id: str) -> None: ...
-
-
-class Retriever(Protocol):
-    async def context_for(self, agent_id: str, query: str) -> str:
-        """Reference passages for `query`, formatted for the prompt, or ""."""
-        ...
-
-
-@dataclass(slots=True)
-class ToolContext:
-    config: AgentConfig
-    call_sid: str
-    idempotency_key: str
-
-
-@dataclass(slots=True)
-class ToolOutcome:
-    """A tool's result for the LLM, plus any call-control action the session must take
-    once the agent's last words have played."""
-
-    result: Any
-    action: Literal["end_call", "transfer"] | None = None
-    transfer_to: str | None = None
-    say: str | None = None
-
-
-class ToolRunner(Protocol):
-    def schemas(self, config: AgentConfig) -> list[dict[str, Any]]: ...
-
-    def filler_for(self, config: AgentConfig, name: str) -> str | None: ...
-
-    async def run(self, call: ToolCall, ctx: ToolContext) -> ToolOutcome: ...
-
-
-@dataclass(slots=True)
-class PipelineDeps:
-    stt: STTProvider
-    llm: LLMProvider
-    tts: TTSProvider
-    store: CallStore
-    control: CallControl
-    metrics: PipelineMetrics
-    vad_batcher: Callable[[], VADBatcher]
-    retriever: Retriever | None = None
-    tools: ToolRunner | None = None
-    vad_threshold: float = 0.5
-    end_of_speech_ms: int = 300
-    """Silence after which the caller's speech has ended: Finalize is sent to the STT then.
-    Kept equal to Deepgram's endpointing so a forced final never cuts a caller off sooner
-    than Deepgram itself would."""
-    finalize_after_ms: int = 96
-    """Silence after which Finalize is sent already, while the end of the turn is not yet
-    certain (it is at `end_of_speech_ms`): the final transcript is then in before the turn
-    ends, instead of a transcription round trip later, and an early answer can start on it.
-    0: only at the end of speech. A pause inside a sentence this long (espeak-ng pauses up
-    to ~130 ms at a comma) splits the transcript into segments of one turn, and costs an
-    early answer that the resumed speech discards."""
-    early_answers: bool = True
-    """Start the answer on a pause's final transcript, before the turn is certain; it is
-    heard only if the turn then ends with that same transcript (see `EarlyAnswer`)."""
-    clock: Clock = time.monotonic
-
-
 class _CallEnded(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-# --- text helpers -----------------------------------------------------------------------
-
-_WORD = re.compile(r"[a-z0-9']+(?:-[a-z0-9']+)*")
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s")
-_CLAUSE_END = re.compile(r"[,;:\u2014][\"')\]]*\s")
-_ABBREVIATIONS = ("mr.", "mrs.", "ms.", "dr.", "st.", "vs.", "e.g.", "i.e.", "etc.", "approx.")
-
-
-def words_of(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def is_backchannel(text: str, phrases: list[str]) -> bool:
-    """True when `text` is made only of backchannel phrases ("uh-huh", "yeah, right")."""
-    remaining = " ".join(words_of(text))
-    if not remaining:
-        return True
-    for phrase in sorted((" ".join(words_of(p)) for p in phrases), key=len, reverse=True):
-        if phrase:
-            remaining = re.sub(rf"(?<![\w']){re.escape(phrase)}(?![\w'])", " ", remaining)
-    return not remaining.strip()
-
-
-def cut_at_share(text: str, share: float) -> str:
-    """The words of `text` spoken in the first `share` of its audio (whole words only)."""
-    if share >= 1.0:
-        return text
-    cut = int(len(text) * max(share, 0.0))
-    if cut < len(text) and not text[cut].isspace():
-        cut = text.rfind(" ", 0, cut)
-    return text[: max(cut, 0)].rstrip()
-
-
-class SentenceChunker:
-    """Splits a token stream into speakable chunks: sentences, or clauses once long enough.
-    The first chunk may be short so that speech starts as early as possible."""
-
-    def __init__(self, first_min: int = 8, min_chars: int = 120, clause_min: int = 160) -> None:
-        # After the short first chunk, long ones: the LLM writes far faster than speech
-        # plays, so waiting for more text costs no latency and saves TTS requests.
-        self._buffer = ""
-        self._first = True
-        self.first_min, self.min_chars, self.clause_min = first_min, min_chars, clause_min
-
-    def push(self, token: str) -> list[str]:
-        self._buffer += token
-        chunks = []
-        while chunk := self._take():
-            chunks.append(chunk)
-        return chunks
-
-    def flush(self) -> str:
-        rest, self._buffer = self._buffer.strip(), ""
-        return rest
-
-    def _take(self) -> str | None:
-        minimum = self.first_min if self._first else self.min_chars
-        for pattern, floor in ((_SENTENCE_END, minimum), (_CLAUSE_END, self.clause_min)):
-            for match in pattern.finditer(self._buffer):
-                end = match.end()
-                candidate = self._buffer[:end].strip()
-                if len(candidate) < (self.first_min if self._first else floor):
-                    continue
-                if pattern is _SENTENCE_END and candidate.lower().endswith(_ABBREVIATIONS):
-                    continue
-                self._buffer = self._buffer[end:]
-                self._first = False
-                return candidate
-        return None
-
-
-# --- outbound speech --------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Chunk:
-    text: str
-    start: int
-    end: int | None = None  # byte offset in Speech.audio once its audio is complete
-    mark: str = ""
-    mark_sent: bool = False
-    acked: bool = False
-    due: float = 0.0  # when the playback clock says its last byte plays
-
-
-@dataclass(eq=False)
-class Speech:
-    """One agent utterance: the audio synthesised so far, its text chunks, how far it has
-    been sent, and what the caller has heard."""
-
-    id: int
-    kind: str
-    audio: bytearray = field(default_factory=bytearray)
-    chunks: list[Chunk] = field(default_factory=list)
-    sent: int = 0
-    producer_done: bool = False
-    cancelled: bool = False
-    played: asyncio.Event = field(default_factory=asyncio.Event)
-    first_media_at: float | None = None
-    first_audio_at: float | None = None
-    llm_request_at: float | None = None  # its answer's first LLM request was made
-    tts_request_at: float | None = None  # its first chunk's synthesis was requested
-    end_at: float | None = None
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    timing: TurnTiming | None = None
-    latency: dict[str, float | None] = field(default_factory=dict)
-    released: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set once the speech may be heard and act: at once, or for an early answer when the
-    turn ends as it guessed. Until then it is synthesised but not sent, runs no tool."""
-
-    def complete_bytes(self) -> int:
-        ends = [c.end for c in self.chunks if c.end is not None]
-        return ends[-1] if ends else 0
-
-    def heard_text(self, played_bytes: int) -> str:
-        """Chunks whose marks came back, plus the played share of the next one."""
-        parts = []
-        for chunk in self.chunks:
-            if chunk.acked:
-                parts.append(chunk.text)
-                continue
-            end = chunk.end if chunk.end is not None else len(self.audio)
-            length = max(end - chunk.start, 1)
-            share = min(max(played_bytes - chunk.start, 0) / length, 1.0)
-            parts.append(cut_at_share(chunk.text, share))
-            break
-        return " ".join(p for p in parts if p).strip()
-
-    def full_text(self) -> str:
-        return " ".join(c.text for c in self.chunks).strip()
-
-
-@dataclass(slots=True)
-class BargeIn:
-    """A pause for caller speech, waiting for the transcript to confirm or dismiss it."""
-
-    speech: Speech
-    heard: str
-    vad_ended_at: float | None = None
-
-
-@dataclass(slots=True)
-class EarlyAnswer:
-    """An answer started on the final transcript of a pause, before the turn is certain.
-    It is used if the turn ends with exactly that transcript; speech resuming, or any other
-    speech starting, discards it."""
-
-    text: str
-    speech: Speech
-    task: asyncio.Task[None]
-    timing: TurnTiming
-
-
-@dataclass(slots=True)
-class TurnTiming:
-    eos_at: float | None = None
-    final_at: float | None = None
-    llm_first_token_at: float | None = None
-    tts_first_audio_at: float | None = None
-    retrieval_ms: float | None = None
-
-    def ms(self, at: float | None) -> float | None:
-        if at is None or self.eos_at is None:
-            return None
-        return round((at - self.eos_at) * 1000, 1)
 
 
 # --- the call ---------------------------------------------------------------------------

@@ -61,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--service-dir", type=Path, help="run the service from this checkout")
     p.add_argument(
         "--ws",
-        default="media_ws:MediaStreamProtocol",
-        help="the service's uvicorn --ws (websockets-sansio: messages through ASGI receive())",
+        default=None,
+        help="the service's uvicorn --ws (default: the tree's own media_ws protocol; "
+        "websockets-sansio: messages through ASGI receive())",
     )
     p.add_argument(
         "--max-concurrent",

@@ -35,8 +35,8 @@ from websockets.asyncio.client import connect
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
+from api.media_ws import TEXT_SINK
 from bench.stack import free_port, proc_sample
-from media_ws import TEXT_SINK
 
 MODES = ("io", "parse", "asgi", "direct")
 FRAME_S = 0.02

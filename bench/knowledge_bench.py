@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from config import Settings
-from documents import Chunk
-from knowledge_chroma import KnowledgeBase, embed
+from knowledge.chroma import KnowledgeBase, embed
+from knowledge.documents import Chunk
 
 PRODUCTS = ["Acme Dialer", "Acme Inbox", "Acme Meet", "Acme Sign", "Acme Pay", "Acme Desk"]
 TOPICS = {

@@ -28,7 +28,7 @@ from typing import Any
 from emulators.audio import synth_speech
 from emulators.ollama import split_tokens
 from emulators.twilio_caller import Action, Hangup, HangupAfterAgentAudio, SayAfterAgentAudio
-from voice_pipeline import SentenceChunker
+from pipeline.text import SentenceChunker
 
 GREETING = "Hi, this is Acme. How can I help?"
 LONG_ANSWER_1 = (

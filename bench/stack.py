@@ -34,6 +34,13 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
+def media_ws_protocol(service_dir: Path) -> str:
+    """uvicorn's `--ws` value for the service's own protocol in `service_dir`."""
+    if (service_dir / "api" / "media_ws.py").exists():
+        return "api.media_ws:MediaStreamProtocol"
+    return "media_ws:MediaStreamProtocol"
+
+
 @dataclass(frozen=True)
 class ProcSample:
     """CPU seconds (user+system) and resident memory of one process at one moment."""
@@ -88,7 +95,9 @@ class BenchStack:
     ollama sections). The service runs with uvloop and httptools when `fast_loop`, from
     `service_dir` (default: this checkout; another one to compare a change), with
     `max_concurrent` as its MAX_CONCURRENT_CALLS (0: no cap) and uvicorn's `--ws`
-    `ws_protocol` (`websockets-sansio` to run a tree from before `media_ws`).
+    `ws_protocol` (`websockets-sansio` to run a tree from before `media_ws`; by default the
+    tree's own protocol, found where that tree keeps it: `api/media_ws.py`, or the flat
+    `media_ws.py` of trees from before the package layout).
     """
 
     def __init__(
@@ -100,7 +109,7 @@ class BenchStack:
         log: IO[str] | None = None,
         service_dir: Path | None = None,
         max_concurrent: int = 0,
-        ws_protocol: str = "media_ws:MediaStreamProtocol",
+        ws_protocol: str | None = None,
     ) -> None:
         self.emulator_config = emulator_config
         self.workdir = workdir
@@ -108,7 +117,7 @@ class BenchStack:
         self.log = log
         self.service_dir = service_dir or ROOT
         self.max_concurrent = max_concurrent
-        self.ws_protocol = ws_protocol
+        self.ws_protocol = ws_protocol or media_ws_protocol(self.service_dir)
         self.emulators: subprocess.Popen[str] | None = None
         self.server: subprocess.Popen[bytes] | None = None
         self.emulator_urls: dict[str, str] = {}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emulators.audio import frames, noise, silence, synth_speech
-from vad import INPUT_SAMPLES, STATE_SIZE, SileroModel, VADBatcher, VADStream
+from pipeline.vad import INPUT_SAMPLES, STATE_SIZE, SileroModel, VADBatcher, VADStream
 
 PHRASES = [
     "Hi, I would like to book a demo next Tuesday",

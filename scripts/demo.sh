@@ -16,7 +16,7 @@ mkdir -p data/demo
   --reply "Sure! We have three plans, starting at nineteen dollars a month." \
   --reply "Thanks for calling, goodbye!" > data/demo/emulators.log 2>&1 &
 emulators=$!
-.venv/bin/uvicorn main:create_app --factory --port 8000 --ws media_ws:MediaStreamProtocol --log-level warning > data/demo/service.log 2>&1 &
+.venv/bin/uvicorn main:create_app --factory --port 8000 --ws api.media_ws:MediaStreamProtocol --log-level warning > data/demo/service.log 2>&1 &
 service=$!
 trap 'kill $service $emulators 2>/dev/null' EXIT
 .venv/bin/python scripts/demo_call.py

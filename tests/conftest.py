@@ -43,7 +43,7 @@ async def fail_on_leaked_tasks() -> AsyncIterator[None]:
 def embedding_model() -> None:
     """Loads the MiniLM model once for the session (seconds); every KnowledgeBase, and every
     app's knowledge base, shares it."""
-    import knowledge_chroma
+    from knowledge import chroma as knowledge_chroma
 
     knowledge_chroma.embed(["warm up"])
 

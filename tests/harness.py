@@ -35,7 +35,7 @@ class AppServer(ThreadedServer):
     """The real FastAPI app under uvicorn in a thread, lifespan included."""
 
     name = "ai-sdr"
-    ws_protocol = "media_ws:MediaStreamProtocol"  # as run.sh and the Dockerfile run it
+    ws_protocol = "api.media_ws:MediaStreamProtocol"  # as run.sh and the Dockerfile run it
 
     def __init__(self, settings: Settings, ws_protocol: str | None = None) -> None:
         super().__init__()
@@ -219,13 +219,22 @@ class LiveStack:
             assert not leaked, f"calls leaked tasks: {leaked}"
 
 
-_CALL_MODULES = ("voice_pipeline.py", "stt_deepgram.py", "tts_deepgram.py", "llm_ollama.py")
+_ROOT = Path(__file__).resolve().parent.parent
+_CALL_DIRS = (str(_ROOT / "pipeline"), str(_ROOT / "adapters"))
+_NOT_PER_CALL = (str(_ROOT / "pipeline" / "metrics.py"),)  # the app's loop-lag watch
+_CALL_MODULES = (str(_ROOT / "voice_pipeline.py"),)
+
+
+def _is_call_code(filename: str) -> bool:
+    if filename in _NOT_PER_CALL:
+        return False
+    return filename.startswith(_CALL_DIRS) or filename in _CALL_MODULES
 
 
 async def _call_tasks() -> list[str]:
     leaked = []
     for task in asyncio.all_tasks():
         code = getattr(task.get_coro(), "cr_code", None)
-        if not task.done() and code is not None and code.co_filename.endswith(_CALL_MODULES):
+        if not task.done() and code is not None and _is_call_code(code.co_filename):
             leaked.append(code.co_qualname)
     return leaked

@@ -22,10 +22,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from call_store import SqlCallStore
 from config import Settings
 from emulators.base import ThreadedServer
 from models import Call
+from store.calls import SqlCallStore
 from tests.conftest import post_signed
 
 SECRET = "whsec-test-0123456789"

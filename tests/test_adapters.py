@@ -23,12 +23,15 @@ import pytest
 from deepgram.core.unchecked_base_model import construct_type
 from deepgram.listen.v1.socket_client import V1SocketClientResponse
 
+from adapters.deepgram_stt import DeepgramStream, DeepgramSTT, StreamPolicy, _messages
+from adapters.deepgram_tts import DeepgramStreamingTTS, DeepgramTTS
+from adapters.http import provider_http_transport
+from adapters.ollama import OllamaLLM
 from config import Settings
 from emulators.base import async_wait_until
 from emulators.deepgram import DeepgramEmulator, ListenRecord, expected_tts_bytes
 from emulators.ollama import OllamaEmulator, Reply
-from llm_ollama import OllamaLLM
-from providers import (
+from pipeline.providers import (
     LLMDelta,
     LLMError,
     LLMModelNotFound,
@@ -41,11 +44,8 @@ from providers import (
     Transcript,
     TTSError,
     UtteranceEnd,
-    provider_http_transport,
 )
-from stt_deepgram import DeepgramStream, DeepgramSTT, StreamPolicy, _messages
 from tests.conftest import make_settings
-from tts_deepgram import DeepgramStreamingTTS, DeepgramTTS
 from utils import mulaw_encode
 
 DG_KEY = "dg-test-key"

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from admission import CallAdmission
+from api.admission import CallAdmission
 from emulators.base import async_wait_until
 from emulators.twilio_caller import Hangup, new_sid
 from tests.conftest import (

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from analysis import response_schema, validate_analysis
-from call_report import percentile
 from emulators.ollama import OllamaEmulator, Reply
+from postcall.analysis import response_schema, validate_analysis
+from postcall.report import percentile
 from tests.conftest import create_agent, make_settings, running_app
 from tests.post_call_support import (
     AGENT_NUMBER,

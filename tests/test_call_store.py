@@ -6,10 +6,10 @@ import re
 
 from sqlalchemy import event, select
 
-from call_report import load_agent
-from call_store import SqlCallStore
-from db import Database
 from models import Agent, Call, CallEvent, TranscriptTurn
+from postcall.report import load_agent
+from store.calls import SqlCallStore
+from store.db import Database
 from tests.conftest import create_agent, post_signed
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 
-from call_store import MEMORY_MAX_CHARS
 from models import Booking, Call, TranscriptTurn
+from store.calls import MEMORY_MAX_CHARS
 from tests.conftest import create_agent
 
 CALLER = "+14155550199"

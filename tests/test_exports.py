@@ -8,7 +8,7 @@ import csv
 import io
 from datetime import UTC, datetime, timedelta
 
-from routes_webhooks import call_batches
+from api.webhooks import call_batches
 from tests.conftest import PUBLIC_BASE, create_agent, make_settings, post_signed, running_app
 from tests.post_call_support import (
     AGENT_NUMBER,

@@ -18,9 +18,17 @@ import pypdf
 import pytest
 from chromadb.config import Settings as ChromaSettings
 
-import knowledge_chroma
 from config import Settings
-from documents import (
+from knowledge import chroma as knowledge_chroma
+from knowledge.chroma import (
+    EmbeddingModelUnavailable,
+    KnowledgeBase,
+    MiniLMEmbeddingFunction,
+    Passage,
+    collection_name,
+    format_passages_for_prompt,
+)
+from knowledge.documents import (
     Chunk,
     DocumentTooLarge,
     EmptyDocument,
@@ -29,14 +37,6 @@ from documents import (
     UnsupportedType,
     chunk_document,
     parse_document,
-)
-from knowledge_chroma import (
-    EmbeddingModelUnavailable,
-    KnowledgeBase,
-    MiniLMEmbeddingFunction,
-    Passage,
-    collection_name,
-    format_passages_for_prompt,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "knowledge"

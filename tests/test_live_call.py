@@ -335,7 +335,7 @@ async def test_malformed_frames_are_survived(tmp_path, ws_protocol, caplog):
     # not JSON, not an object, bad base64, oversize; unknown events are ignored silently
     assert "aisdr_malformed_messages_total 4.0" in metrics
     # a deployment on plain uvicorn is told how to get the faster path
-    told = "start uvicorn with --ws media_ws:MediaStreamProtocol" in caplog.text
+    told = "start uvicorn with --ws api.media_ws:MediaStreamProtocol" in caplog.text
     assert told == (ws_protocol is not None)
 
 

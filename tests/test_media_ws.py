@@ -19,8 +19,8 @@ from websockets.frames import Opcode
 from websockets.protocol import OPEN
 from websockets.uri import parse_uri
 
+from api.media_ws import TEXT_SINK
 from emulators.base import ThreadedServer
-from media_ws import TEXT_SINK
 
 
 class SinkServer(ThreadedServer):

@@ -26,12 +26,12 @@ from emulators.audio import synth_speech
 from emulators.ollama import Reply
 from emulators.twilio_caller import Hangup, HangupAfterAgentAudio, SayAfterAgentAudio
 from models import Booking, Call, ToolInvocation
-from providers import ToolCall
+from pipeline.contracts import AgentConfig, ToolContext, ToolOutcome
+from pipeline.providers import ToolCall
 from tests.conftest import create_agent, make_settings
 from tests.conftest import running_app as app_with_client
 from tests.harness import AGENT_NUMBER, CALLER_NUMBER, LiveStack
 from tests.tool_server import ToolServer
-from voice_pipeline import AgentConfig, ToolContext, ToolOutcome
 
 SECRET = "dev-webhook-secret"  # make_settings leaves the development default
 EVERY_DAY = [0, 1, 2, 3, 4, 5, 6]

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from emulators.audio import frames, noise, silence, synth_speech, tone
-from utils import mulaw_to_float
-from vad import (
+from pipeline.vad import (
     WINDOW_SECONDS,
     SileroModel,
     VADBatcher,
@@ -27,6 +26,7 @@ from vad import (
     default_model_path,
     shared_batcher,
 )
+from utils import mulaw_to_float
 
 DEMO = "Hi, I would like to book a demo next Tuesday"
 LEAD_IN = 1.0

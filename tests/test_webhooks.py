@@ -11,8 +11,8 @@ import sqlite3
 import httpx
 import pytest
 
+from adapters.netguard import PublicOnlyTransport, UnsafeURLError, check_public_url
 from emulators.ollama import OllamaEmulator, Reply
-from netguard import PublicOnlyTransport, UnsafeURLError, check_public_url
 from tests.conftest import create_agent, make_settings, running_app
 from tests.post_call_support import (
     AGENT_NUMBER,

@@ -9,7 +9,7 @@ a connection: from then on each text message is passed to its sink inside the re
 callback that parsed it. Everything else (disconnects, binary messages, the handshake,
 sending, pings, closing) stays uvicorn's, so `receive()` still returns the disconnect.
 
-    uvicorn main:create_app --factory --ws media_ws:MediaStreamProtocol
+    uvicorn main:create_app --factory --ws api.media_ws:MediaStreamProtocol
 
 An app finds the subscription in its scope (`scope["extensions"][TEXT_SINK]`, a callable
 taking the sink) and must work without it, under another protocol or a test client.

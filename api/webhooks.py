@@ -23,13 +23,12 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from call_report import SPEAKERS, iso, load_turns, transcript_text, turn_record
-from db import SessionDep
-from errors import APIError, not_found
+from api.deps import PageDep, SessionDep, paginate, require_api_key
+from api.errors import APIError, not_found
 from models import Agent, Call, WebhookAttempt, WebhookEvent
-from routes_v1 import PageDep, paginate, require_api_key
+from postcall.report import SPEAKERS, iso, load_turns, transcript_text, turn_record
+from postcall.webhooks import DeliveryStatus, redeliver
 from schemas import Page
-from webhooks import DeliveryStatus, redeliver
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 

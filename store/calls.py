@@ -22,9 +22,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from models import TERMINAL_STATUSES, Agent, Booking, Call, CallEvent, TranscriptTurn
-from scheduling import spoken_in
+from pipeline.contracts import AgentConfig
+from tools.scheduling import spoken_in
 from utils import render_template, utcnow
-from voice_pipeline import AgentConfig
 
 _RANK = {"queued": 0, "initiated": 0, "ringing": 1, "in-progress": 2, "answered": 2}
 _TERMINAL_REASON = {"busy": "busy", "no-answer": "no-answer", "failed": "failed"}

@@ -1,5 +1,5 @@
 """Database access: one async engine and sessionmaker per app (never at import time), the
-Alembic upgrade applied at startup, and the `SessionDep` dependency alias for routes.
+Alembic upgrade applied at startup. (The routes' session dependency is `api.deps.SessionDep`.)
 
 Must not import FastAPI routes, schemas or the pipeline.
 """
@@ -7,23 +7,20 @@ Must not import FastAPI routes, schemas or the pipeline.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from fastapi import Depends, Request
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
-    AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -83,12 +80,3 @@ class Database:
 
     async def aclose(self) -> None:
         await self.engine.dispose()
-
-
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    database: Database = request.app.state.db
-    async with database.sessionmaker() as session:
-        yield session
-
-
-SessionDep = Annotated[AsyncSession, Depends(get_session)]

@@ -37,7 +37,7 @@ from chromadb.errors import NotFoundError
 from chromadb.utils.embedding_functions import register_embedding_function
 
 from config import Settings
-from documents import Chunk
+from knowledge.documents import Chunk
 
 if TYPE_CHECKING:
     from chromadb.api import ClientAPI

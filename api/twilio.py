@@ -15,20 +15,20 @@ from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketD
 from sqlalchemy import select
 from starlette.websockets import WebSocketState
 
-from admission import INBOUND_HOLD_S, CallAdmission
-from call_store import apply_status
-from config import Settings
-from db import SessionDep
-from errors import APIError
-from media_ws import TEXT_SINK
-from models import TERMINAL_STATUSES, Agent, Call
-from telephony import (
+from adapters.telephony import (
     form_params,
     reject_twiml,
     say_hangup_twiml,
     signature_is_valid,
     stream_twiml,
 )
+from api.admission import INBOUND_HOLD_S, CallAdmission
+from api.deps import SessionDep
+from api.errors import APIError
+from api.media_ws import TEXT_SINK
+from config import Settings
+from models import TERMINAL_STATUSES, Agent, Call
+from store.calls import apply_status
 from utils import mask_phone, new_id
 
 log = logging.getLogger("ai_sdr.twilio")
@@ -197,7 +197,7 @@ class WebSocketTransport:
                 state.told_media_protocol = True
                 log.info(
                     "media streams are read through ASGI receive(): start uvicorn with "
-                    "--ws media_ws:MediaStreamProtocol (as run.sh does) for ~15 us less CPU "
+                    "--ws api.media_ws:MediaStreamProtocol (as run.sh does) for ~15 us less CPU "
                     "per message"
                 )
             return False

@@ -29,7 +29,7 @@ from deepgram.core.api_error import ApiError
 from websockets.exceptions import WebSocketException
 
 from config import Settings
-from providers import Clock, SpeechStarted, STTError, STTEvent, Transcript, UtteranceEnd
+from pipeline.providers import Clock, SpeechStarted, STTError, STTEvent, Transcript, UtteranceEnd
 
 log = logging.getLogger("ai_sdr." + __name__)
 

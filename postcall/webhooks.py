@@ -43,8 +43,11 @@ from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
-from call_hooks import TaskSet, after_commit
-from call_report import (
+from adapters.netguard import PublicOnlyTransport, UnsafeURLError
+from config import Settings
+from models import Agent, Call, CallEvent, TranscriptTurn, WebhookAttempt, WebhookEvent
+from postcall.hooks import TaskSet, after_commit
+from postcall.report import (
     analysis_fields,
     build_report,
     call_record,
@@ -52,9 +55,6 @@ from call_report import (
     load_agent,
     turn_record,
 )
-from config import Settings
-from models import Agent, Call, CallEvent, TranscriptTurn, WebhookAttempt, WebhookEvent
-from netguard import PublicOnlyTransport, UnsafeURLError
 from utils import new_id, utcnow
 
 log = logging.getLogger("ai_sdr.webhooks")

@@ -27,8 +27,9 @@ from typing import Any, cast
 import httpx
 import ollama
 
+from adapters.http import provider_http_options
 from config import Settings
-from providers import (
+from pipeline.providers import (
     LLMDelta,
     LLMError,
     LLMModelNotFound,
@@ -36,7 +37,6 @@ from providers import (
     LLMUnavailable,
     Message,
     ToolCall,
-    provider_http_options,
 )
 
 log = logging.getLogger("ai_sdr." + __name__)

@@ -26,9 +26,10 @@ from deepgram.core.parse_error import ParsingError
 from deepgram.speak.v1.types import SpeakV1Text
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from adapters.deepgram_stt import SAMPLE_RATE, build_deepgram_client
+from adapters.http import provider_http_options
 from config import Settings
-from providers import TTSError, provider_http_options
-from stt_deepgram import SAMPLE_RATE, build_deepgram_client
+from pipeline.providers import TTSError
 
 log = logging.getLogger("ai_sdr." + __name__)
 

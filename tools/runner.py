@@ -42,11 +42,15 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from adapters.netguard import UnsafeURLError, check_public_url
+from adapters.telephony import TelephonyError, TwilioGateway
 from config import Settings
 from models import Agent, Booking, ToolInvocation
-from netguard import UnsafeURLError, check_public_url
-from providers import ToolCall
-from scheduling import (
+from pipeline.contracts import AgentConfig, ToolContext, ToolOutcome
+from pipeline.providers import ToolCall
+from postcall.webhooks import SIGNATURE_HEADER, signature
+from schemas import BuiltinTool, CalendarSettings, HttpTool, ToolConfig
+from tools.scheduling import (
     Interval,
     Slot,
     calendar_from,
@@ -61,11 +65,7 @@ from scheduling import (
     zone,
     zone_label,
 )
-from schemas import BuiltinTool, CalendarSettings, HttpTool, ToolConfig
-from telephony import TelephonyError, TwilioGateway
 from utils import utcnow
-from voice_pipeline import AgentConfig, ToolContext, ToolOutcome
-from webhooks import SIGNATURE_HEADER, signature
 
 log = logging.getLogger("ai_sdr.tools")
 

@@ -10,12 +10,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Response
 from sqlalchemy import select
 
-from db import SessionDep
-from errors import not_found
+from api.deps import PageDep, SessionDep, paginate, require_api_key
+from api.errors import not_found
 from models import Agent, Booking
-from routes_v1 import PageDep, paginate, require_api_key
-from scheduling import booking_ics
 from schemas import BookingRead, Page
+from tools.scheduling import booking_ics
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["bookings"])
 

@@ -16,8 +16,8 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from call_store import CallHook
 from models import Call
+from store.calls import CallHook
 
 log = logging.getLogger("ai_sdr.post_call")
 

@@ -18,17 +18,17 @@ from sqlalchemy import select
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from db import SessionDep
-from documents import (
+from api.deps import AgentDep, PageDep, SessionDep, SettingsDep, paginate, require_api_key
+from api.errors import APIError, not_found
+from knowledge.chroma import KnowledgeBase, format_passages_for_prompt
+from knowledge.documents import (
     DocumentError,
     DocumentTooLarge,
     EmptyDocument,
     UnreadableDocument,
     UnsupportedType,
 )
-from errors import APIError, not_found
-from knowledge_chroma import KnowledgeBase, format_passages_for_prompt
-from knowledge_service import (
+from knowledge.service import (
     DuplicateDocument,
     KnowledgeStoreError,
     Upload,
@@ -36,7 +36,6 @@ from knowledge_service import (
     ingest_document,
 )
 from models import Document
-from routes_v1 import AgentDep, PageDep, SettingsDep, paginate, require_api_key
 from schemas import (
     DocumentRead,
     DocumentText,

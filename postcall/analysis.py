@@ -34,12 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from call_hooks import TaskSet, after_commit
-from call_report import SPEAKERS, load_agent, load_turns
 from config import Settings
 from models import Agent, Call, TranscriptTurn
-from providers import LLMError, LLMModelNotFound, LLMProvider, LLMTimeout, LLMUnavailable
-from webhooks import Outbox
+from pipeline.providers import LLMError, LLMModelNotFound, LLMProvider, LLMTimeout, LLMUnavailable
+from postcall.hooks import TaskSet, after_commit
+from postcall.report import SPEAKERS, load_agent, load_turns
+from postcall.webhooks import Outbox
 
 log = logging.getLogger("ai_sdr.analysis")
 

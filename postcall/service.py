@@ -14,15 +14,15 @@ import logging
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from analysis import CallAnalyser
-from call_hooks import TaskSet, after_commit, compose_hooks
-from call_report import load_agent
-from call_store import LIVE_EVENTS
+from adapters.telephony import TelephonyError, TwilioGateway
 from config import Settings
 from models import Agent, Call
-from providers import LLMProvider
-from telephony import TelephonyError, TwilioGateway
-from webhooks import Outbox, WebhookDispatcher
+from pipeline.providers import LLMProvider
+from postcall.analysis import CallAnalyser
+from postcall.hooks import TaskSet, after_commit, compose_hooks
+from postcall.report import load_agent
+from postcall.webhooks import Outbox, WebhookDispatcher
+from store.calls import LIVE_EVENTS
 
 log = logging.getLogger("ai_sdr.post_call")
 

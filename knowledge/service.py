@@ -23,8 +23,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from config import Settings
-from documents import Chunk, EmptyDocument, ParsedDocument, chunk_document, parse_document
-from knowledge_chroma import KnowledgeBase, format_passages_for_prompt
+from knowledge.chroma import KnowledgeBase, format_passages_for_prompt
+from knowledge.documents import Chunk, EmptyDocument, ParsedDocument, chunk_document, parse_document
 from models import Document
 from utils import new_id
 

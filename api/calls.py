@@ -1,0 +1,163 @@
+"""`/v1/calls`: place an outbound call, list and read calls with their transcripts."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from adapters.telephony import TelephonyError, TwilioGateway, stream_twiml
+from api.admission import OUTBOUND_HOLD_S, RETRY_AFTER_S
+from api.deps import (
+    AdmissionDep,
+    MetricsDep,
+    PageDep,
+    SessionDep,
+    SettingsDep,
+    TwilioDep,
+    page_of,
+    paginate,
+    require_api_key,
+)
+from api.errors import APIError, not_found
+from config import Settings
+from models import Agent, Call
+from schemas import CallCreate, CallDetail, CallRead, Page
+from utils import mask_phone, new_id
+
+log = logging.getLogger("ai_sdr.api")
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+_DIAL_ERRORS: dict[int | str, dict[str, Any]] = {
+    502: {"description": "Twilio refused the call (its code in the message); the call is failed"},
+    503: {"description": "MAX_CONCURRENT_CALLS are up: nothing stored, retry after Retry-After"},
+}
+
+
+@router.post(
+    "/calls",
+    status_code=201,
+    response_model=CallRead,
+    response_model_by_alias=True,
+    responses=_DIAL_ERRORS,
+)
+async def create_call(
+    body: CallCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    twilio: TwilioDep,
+    admission: AdmissionDep,
+    metrics: MetricsDep,
+) -> Call:
+    agent = await session.get(Agent, body.agent_id)
+    if agent is None:
+        raise APIError(404, "not_found", f"agent {body.agent_id!r} does not exist", "agent_id")
+    from_number = body.from_ or agent.phone_number or settings.TWILIO_DEFAULT_FROM
+    if not from_number:
+        raise APIError(
+            422, "validation_error", "from: required, the agent has no phone_number", "from"
+        )
+    call_id = new_id("call")
+    if not admission.try_admit(call_id, OUTBOUND_HOLD_S):
+        metrics.calls_refused.labels("outbound").inc()
+        raise APIError(
+            503,
+            "at_capacity",
+            f"at capacity: {admission.limit} calls are up (MAX_CONCURRENT_CALLS); retry later",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    try:
+        return await _dial(session, settings, twilio, agent, body, call_id, from_number)
+    except BaseException:
+        admission.release(call_id)  # not dialled (Twilio refused, or the request failed)
+        raise
+
+
+async def _dial(
+    session: AsyncSession,
+    settings: Settings,
+    twilio: TwilioGateway,
+    agent: Agent,
+    body: CallCreate,
+    call_id: str,
+    from_number: str,
+) -> Call:
+    call = Call(
+        id=call_id,
+        agent_id=agent.id,
+        direction="outbound",
+        from_number=from_number,
+        to_number=body.to,
+        status="queued",
+        variables={**agent.variables, **body.variables},
+    )
+    session.add(call)
+    await session.commit()
+    twiml = stream_twiml(settings.media_stream_url, {"call_id": call.id})
+    try:
+        created = await twilio.create_call(
+            to=body.to,
+            from_=from_number,
+            twiml=twiml,
+            status_callback=settings.public_url("/twilio/status"),
+            record=agent.recording_enabled,
+            recording_status_callback=settings.public_url("/twilio/recording"),
+        )
+    except TelephonyError as exc:
+        call.status, call.ended_reason = "failed", "failed"
+        call.error_message = f"Twilio error {exc.code}: {exc.message}"
+        call.ended_at = call.created_at
+        await session.commit()
+        log.warning(
+            "outbound call %s to %s refused by Twilio (code %s)",
+            call.id,
+            mask_phone(body.to),
+            exc.code,
+        )
+        raise APIError(
+            502, "twilio_error", f"Twilio error {exc.code}: {exc.message}", None
+        ) from None
+    call.twilio_call_sid = created.sid
+    await session.commit()
+    await session.refresh(call)
+    return call
+
+
+@router.get("/calls", response_model=Page[CallRead], response_model_by_alias=True)
+async def list_calls(
+    session: SessionDep,
+    page: PageDep,
+    agent_id: Annotated[str | None, Query(max_length=40)] = None,
+    status: Annotated[str | None, Query(max_length=20)] = None,
+    direction: Literal["inbound", "outbound"] | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+) -> dict[str, Any]:
+    query = select(Call).order_by(Call.created_at.desc(), Call.id)
+    if agent_id:
+        query = query.where(Call.agent_id == agent_id)
+    if status:
+        query = query.where(Call.status == status)
+    if direction:
+        query = query.where(Call.direction == direction)
+    if created_after:
+        query = query.where(Call.created_at >= created_after)
+    if created_before:
+        query = query.where(Call.created_at < created_before)
+    items, total = await paginate(session, query, page)
+    return page_of(items, total, page)
+
+
+@router.get("/calls/{call_id}", response_model=CallDetail, response_model_by_alias=True)
+async def read_call(call_id: str, session: SessionDep) -> Call:
+    call = await session.scalar(
+        select(Call).where(Call.id == call_id).options(selectinload(Call.turns))
+    )
+    if call is None:
+        raise not_found("call", call_id)
+    return call

@@ -1,0 +1,124 @@
+"""The running service's parts, built from settings when the app starts and closed when it
+stops: database, Twilio gateway, providers, knowledge base, post-call work and the live call
+manager. Nothing here exists at import time, so each test gets its own app and database.
+
+Every part is published on `app.state` under one name, for `api.deps` to hand to routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+import httpx
+from fastapi import FastAPI
+
+from adapters.deepgram_stt import DeepgramSTT, StreamPolicy
+from adapters.deepgram_tts import DeepgramStreamingTTS, build_tts
+from adapters.netguard import PublicOnlyTransport
+from adapters.ollama import OllamaLLM
+from adapters.telephony import TwilioGateway
+from api.admission import CallAdmission
+from config import Settings
+from knowledge.service import KnowledgeRetriever, start_knowledge
+from pipeline.contracts import PipelineDeps
+from pipeline.metrics import PipelineMetrics
+from pipeline.vad import SileroModel, shared_batcher
+from postcall.service import PostCall
+from store.calls import SqlCallStore
+from store.db import Database
+from tools.runner import AgentTools
+from voice_pipeline import CallManager
+
+
+def configure_logging(level: str) -> None:
+    """Our loggers at `level`; HTTP client loggers at WARNING, because they log full URLs
+    (webhook and tool URLs may carry tokens) at INFO."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ai_sdr").setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "aiohttp.access", "twilio.http_client"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@asynccontextmanager
+async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
+    """Build every part, publish it on `app.state`, and close all of it on the way out."""
+    metrics: PipelineMetrics = app.state.metrics
+    settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+    database = Database(settings.DATABASE_URL)
+    await database.migrate()
+    twilio = TwilioGateway(
+        settings.TWILIO_ACCOUNT_SID, settings.TWILIO_AUTH_TOKEN, settings.TWILIO_API_BASE_URL
+    )
+    llm, tts = OllamaLLM(settings), build_tts(settings)
+    post_call = PostCall(settings, database.sessionmaker, llm, twilio)
+    app.state.post_call, app.state.call_hook = post_call, post_call.hook
+    store = SqlCallStore(
+        database.sessionmaker,
+        post_call.hook,
+        default_model=settings.OLLAMA_MODEL,
+        fallback_line=settings.LLM_FALLBACK_LINE,
+        live_events=post_call.live_events,
+        commit_window_s=settings.DB_COMMIT_WINDOW_MS / 1000,
+    )
+    await asyncio.to_thread(SileroModel.load)  # load once, off the loop, before calls
+    app.state.knowledge = knowledge = await start_knowledge(settings)  # same for MiniLM
+    tools_http = httpx.AsyncClient(
+        transport=PublicOnlyTransport(allow_private=settings.ALLOW_PRIVATE_URLS)
+    )
+    app.state.db, app.state.twilio, app.state.llm = database, twilio, llm
+    app.state.call_store = store
+    app.state.calls = calls = CallManager(
+        PipelineDeps(
+            # 200 ms per send (Deepgram asks for 20-250 ms): a tenth of the frames. The
+            # turn's final does not wait for it (Finalize flushes at the pause), only
+            # interim results do, by up to 180 ms. While the caller is quiet (from the
+            # end of a turn to the next speech onset, which sends at once) 500 ms:
+            # nothing there waits to be transcribed, and each send is a syscall
+            stt=DeepgramSTT(settings, policy=StreamPolicy(batch_ms=200, quiet_batch_ms=500)),
+            llm=llm,
+            tts=tts,
+            store=store,
+            control=twilio,
+            metrics=metrics,
+            vad_batcher=shared_batcher,
+            vad_threshold=settings.VAD_THRESHOLD,
+            end_of_speech_ms=settings.DEEPGRAM_ENDPOINTING_MS,
+            finalize_after_ms=settings.EARLY_FINALIZE_MS,
+            early_answers=settings.EARLY_ANSWERS,
+            retriever=KnowledgeRetriever(knowledge),
+            tools=AgentTools(database.sessionmaker, twilio, settings, tools_http),
+        )
+    )
+    app.state.admission = admission = CallAdmission(
+        settings.MAX_CONCURRENT_CALLS, live=calls.active.keys
+    )
+    metrics.call_slots.set_function(admission.in_use)
+    if isinstance(tts, DeepgramStreamingTTS):
+        metrics.tts_sockets.set_function(lambda: tts.open_sockets)
+        metrics.tts_rest_fallbacks.set_function(lambda: tts.rest_fallbacks)
+        metrics.tts_inline_connects.set_function(lambda: tts.inline_connects)
+    await post_call.start()
+    # Start-up loaded ~600k long-lived objects (torch, MiniLM, Chroma, Silero): move them
+    # out of the collector's reach, or every full collection stalls all live calls for
+    # 100-400 ms (measured by the benchmark).
+    gc.collect()
+    gc.freeze()
+    lag_watch = asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag")
+    try:
+        yield
+    finally:
+        lag_watch.cancel()
+        with suppress(asyncio.CancelledError):
+            await lag_watch
+        await post_call.aclose()
+        await tools_http.aclose()
+        await asyncio.to_thread(knowledge.close)
+        await twilio.aclose()
+        await llm.aclose()
+        await tts.aclose()
+        await database.aclose()
