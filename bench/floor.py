@@ -7,7 +7,7 @@ audio work, in three servers of increasing depth:
            under uvicorn's `websockets-sansio`, which the service uses)
     asgi   uvicorn (uvloop, httptools, websockets-sansio, no deflate) with a bare ASGI app
            that reads each message with `receive()`, parses it (orjson) and decodes its payload
-    direct the same app and work, under the service's protocol (`media_ws`): each message is
+    direct the same app and work, under the service's protocol (`api.media_ws`): each message is
            handed to the app in the read callback that parsed it, with no `receive()`
 
 N connections each send a Twilio-shaped `media` message (20 ms of mu-law) every 20 ms on an
@@ -112,7 +112,7 @@ async def direct_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 def _start(mode: str, port: int) -> subprocess.Popen[str]:
     if mode in ("asgi", "direct"):
-        ws = "media_ws:MediaStreamProtocol" if mode == "direct" else "websockets-sansio"
+        ws = "api.media_ws:MediaStreamProtocol" if mode == "direct" else "websockets-sansio"
         command = ["-m", "uvicorn", f"bench.floor:{mode}_app", "--loop", "uvloop"]
         command += ["--http", "httptools", "--ws", ws]
         command += ["--ws-per-message-deflate", "false", "--log-level", "warning"]

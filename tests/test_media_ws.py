@@ -1,4 +1,4 @@
-"""media_ws.MediaStreamProtocol under a real uvicorn, with a bare ASGI app and a real
+"""api.media_ws.MediaStreamProtocol under a real uvicorn, with a bare ASGI app and a real
 WebSocket client: a subscribed connection's text messages reach the sink in order (those
 queued before the subscription first), everything else still reaches `receive()`, and a
 sink that raises fails the connection with 1011."""
@@ -28,7 +28,7 @@ class SinkServer(ThreadedServer):
     subscribes, then reads receive() until the disconnect."""
 
     name = "sink-app"
-    ws_protocol = "media_ws:MediaStreamProtocol"
+    ws_protocol = "api.media_ws:MediaStreamProtocol"
 
     def __init__(self, *, before: int = 0, settle_s: float = 0.0, fail_on: str = "") -> None:
         super().__init__()
