@@ -232,8 +232,8 @@ def table(report: dict[str, Any]) -> str:
     if steal is not None and steal >= NOISY_STEAL_PCT:
         lines.append(
             f"NOTE: the hypervisor took {fmt_cell(steal)}% of this machine's CPU time during the "
-            "load (steal). Latency tails follow it (BENCHMARKS.md, eleventh round): compare "
-            "runs taken at similar steal."
+            "load (steal). Latency tails follow it (docs/benchmark-history.md, eleventh round): "
+            "compare runs taken at similar steal."
         )
     if note := _generator_note(report):
         lines.append(note)
