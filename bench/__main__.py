@@ -23,21 +23,9 @@ from typing import Any
 from bench.runner import RunConfig, run_sync
 from bench.script import SCRIPTS, Providers, emulator_config
 from bench.stack import BenchStack, pin_process
-from bench.targets import table
+from bench.targets import passes, table
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SWEEP_TARGETS = {
-    "calls completed (all)",
-    "inbound frames dropped",
-    "outbound jitter p99 ms",
-    "playout underruns",
-    "barge-in p95 ms",
-    "barge-ins missed",
-    "false interruptions",
-}
-"""What bounds N in a sweep: the call still works (every frame heard, barge-in on time, no
-false interruption, smooth playout with no gap in an answer). Latency budgets and per-core
-capacity are reported for every step but do not bound N (see BENCHMARKS.md)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,10 +115,6 @@ def measure(stack: BenchStack, config: RunConfig, providers: Providers, args) ->
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes the profile and exits
             spy.wait(60)
-
-
-def passes(result: dict[str, Any]) -> bool:
-    return all(t["met"] for t in result["targets"] if t["target"] in SWEEP_TARGETS)
 
 
 def sweep(stack: BenchStack, args: argparse.Namespace, providers: Providers) -> dict[str, Any]:

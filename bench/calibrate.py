@@ -3,8 +3,8 @@
 - the floor: how much longer than configured the LLM's first token and the TTS's first
   byte take when asked directly from this process (idle, loopback, before the load), with
   a bare HTTP/1.1 client on an open socket. An HTTP library's own time would count here
-  otherwise: httpx took about 3.5 ms more than a bare socket per request (BENCHMARKS.md,
-  eighth round);
+  otherwise: httpx took about 3.5 ms more than a bare socket per request
+  (docs/benchmark-history.md, eighth round);
 - the lateness under load: each request's own timing as the emulators recorded it during
   the run (`GET /emulator/timings`), read afterwards.
 

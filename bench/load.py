@@ -45,8 +45,8 @@ class CallRefused(RuntimeError):
 
 REDIAL_AFTER_S = 30.0
 """A caller who got a busy signal calls again this much later. (Each refusal costs the
-service about 8 ms of CPU, BENCHMARKS.md, seventh round: a storm of redials every few
-seconds would itself load it.)"""
+service about 8 ms of CPU, docs/benchmark-history.md, seventh round: a storm of redials
+every few seconds would itself load it.)"""
 
 
 @dataclass
