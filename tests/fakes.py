@@ -23,6 +23,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from emulators.ollama import split_tokens
 from pipeline.contracts import AgentConfig, ToolContext, ToolOutcome
 from pipeline.providers import (
     LLMDelta,
@@ -51,6 +51,11 @@ SILENT_FRAME = bytes([MULAW_SILENCE]) * FRAME_BYTES
 
 def now() -> float:
     return asyncio.get_running_loop().time()
+
+
+def word_tokens(text: str) -> list[str]:
+    """Word-ish tokens with their leading whitespace, as Ollama streams them."""
+    return re.findall(r"\s*\S+", text)
 
 
 # --- the caller ---------------------------------------------------------------------------
@@ -226,7 +231,7 @@ class ScriptedLLM:
         finished = False
         try:
             await asyncio.sleep(reply.first_token_s)
-            for i, token in enumerate(split_tokens(reply.text)):
+            for i, token in enumerate(word_tokens(reply.text)):
                 if i:
                     await asyncio.sleep(reply.token_s)
                 yield LLMDelta(text=token)
