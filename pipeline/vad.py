@@ -294,7 +294,10 @@ class VADBatcher:
         return self.model.infer(windows, states)
 
     def _on_batch_done(
-        self, loop: asyncio.AbstractEventLoop, batch: list[_Request], job: asyncio.Future
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Request],
+        job: asyncio.Future[tuple[np.ndarray, np.ndarray]],
     ) -> None:
         self._running = False
         if job.cancelled():
