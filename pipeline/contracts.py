@@ -13,7 +13,7 @@ from typing import Any, Literal, Protocol
 
 from pipeline.metrics import PipelineMetrics
 from pipeline.providers import Clock, LLMProvider, STTProvider, ToolCall, TTSProvider
-from pipeline.vad import VADBatcher
+from pipeline.silero import VADBatcher
 
 
 @dataclass(slots=True)
