@@ -1,5 +1,6 @@
 """Twilio-facing endpoints: the voice webhook (answers with TwiML that opens the Media
-Stream), status and recording callbacks, and the `/twilio/media` WebSocket.
+Stream), status and recording callbacks, and the `/twilio/media` WebSocket (its transport
+and JSON codec: `api.media_stream`).
 
 Every request is authenticated by `X-Twilio-Signature` against the public URL (Twilio signs
 what it requested, not what a proxy forwards to us); a forged one gets 403 and changes nothing.
