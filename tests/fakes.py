@@ -20,9 +20,6 @@ Must not import FastAPI, SQLAlchemy, a vendor SDK, or the app's `api/`, `store/`
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import json
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -31,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.contracts import AgentConfig, ToolContext, ToolOutcome
+from pipeline.contracts import AgentConfig, MediaSink, StreamStart, ToolContext, ToolOutcome
 from pipeline.providers import (
     LLMDelta,
     LLMUnavailable,
@@ -460,10 +457,10 @@ class Phone:
         return any(p.start <= t < p.end for p in self.played)
 
 
-class TwilioJsonTransport:
-    """The `MediaTransport` of today's protocol (Twilio JSON text messages) over a `Phone`:
-    `start`, then a `media` frame every 20 ms of the clock and the marks sent back, and a
-    `stop` at `hangup_at`."""
+class PhoneTransport:
+    """The `MediaTransport` over a `Phone`: the stream starts at once, the caller's frames
+    go to the sink every 20 ms of the clock, marks come back as the phone plays them, and
+    the stream stops at `hangup_at` (the caller hangs up) unless the call closed it."""
 
     def __init__(self, phone: Phone, *, call_id: str, hangup_at: float | None = None) -> None:
         self.phone = phone
@@ -472,46 +469,33 @@ class TwilioJsonTransport:
         self.stream_sid = "MZ" + "0" * 32
         self.call_sid = "CA" + "0" * 32
         self.closed: list[tuple[float, int]] = []
-        self._started_at: float | None = None
-        self._inbound: asyncio.Queue[str] = asyncio.Queue()
-        phone.on_mark = self._mark_back
 
-    def _mark_back(self, name: str) -> None:
-        message = {"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}}
-        self._inbound.put_nowait(json.dumps(message))
+    async def start(self) -> StreamStart | None:
+        return StreamStart(self.stream_sid, self.call_sid, {"call_id": self.call_id})
 
-    async def receive_text(self) -> str | None:
-        if self.closed:
-            return None
-        if self._started_at is None:
-            self._started_at = now()
-            start = {
-                "streamSid": self.stream_sid,
-                "callSid": self.call_sid,
-                "customParameters": {"call_id": self.call_id},
-            }
-            return json.dumps({"event": "start", "streamSid": self.stream_sid, "start": start})
-        due = self._started_at + (self.phone.caller.frames_sent + 1) * FRAME_S
-        if self.hangup_at is not None and due >= self._started_at + self.hangup_at:
-            self.closed.append((now(), 1000))
-            return json.dumps({"event": "stop", "streamSid": self.stream_sid})
-        with contextlib.suppress(TimeoutError):
-            return await asyncio.wait_for(self._inbound.get(), max(due - now(), 0.0))
-        payload = base64.b64encode(self.phone.caller.next_frame()).decode()
-        message = {"event": "media", "streamSid": self.stream_sid, "media": {"payload": payload}}
-        return json.dumps(message)
+    async def run(self, sink: MediaSink) -> None:
+        started = now()
+        self.phone.on_mark = sink.on_mark
+        try:
+            while not self.closed:
+                due = started + (self.phone.caller.frames_sent + 1) * FRAME_S
+                if self.hangup_at is not None and due > started + self.hangup_at:
+                    return  # the caller's `stop`
+                await asyncio.sleep(due - now())
+                if not self.closed:
+                    sink.on_audio(self.phone.caller.next_frame())
+        finally:
+            self.phone.on_mark = None
 
-    async def send_text(self, text: str) -> None:
-        message = json.loads(text)
-        assert message["streamSid"] == self.stream_sid
-        if message["event"] == "media":
-            self.phone.audio(len(base64.b64decode(message["media"]["payload"])))
-        elif message["event"] == "mark":
-            self.phone.mark(message["mark"]["name"])
-        elif message["event"] == "clear":
-            self.phone.clear()
-        else:
-            raise AssertionError(f"unexpected message to Twilio: {text[:80]}")
+    async def send_audio(self, audio: bytes | bytearray) -> None:
+        assert not self.closed, "audio sent after close"
+        self.phone.audio(len(audio))
+
+    async def send_mark(self, name: str) -> None:
+        self.phone.mark(name)
+
+    async def send_clear(self) -> None:
+        self.phone.clear()
 
     async def close(self, code: int = 1000) -> None:
         self.closed.append((now(), code))

@@ -33,6 +33,7 @@ import pytest
 
 from pipeline.contracts import AgentConfig, PipelineDeps, ToolOutcome
 from pipeline.metrics import PipelineMetrics
+from pipeline.playout import RESUME_BACKUP_S
 from pipeline.providers import ToolCall
 from pipeline.vad import VADBatcher
 from tests.fakes import (
@@ -41,6 +42,7 @@ from tests.fakes import (
     EnergyModel,
     MemoryStore,
     Phone,
+    PhoneTransport,
     RecordingControl,
     Reply,
     ScriptedLLM,
@@ -48,17 +50,10 @@ from tests.fakes import (
     ScriptedTools,
     TickingClock,
     ToolScript,
-    TwilioJsonTransport,
     Utterance,
 )
 from utils import SAMPLE_RATE
-from voice_pipeline import (
-    REPROMPT_LINE,
-    RESUME_BACKUP_S,
-    SILENCE_GOODBYE,
-    WATCHDOG_S,
-    CallManager,
-)
+from voice_pipeline import REPROMPT_LINE, SILENCE_GOODBYE, WATCHDOG_S, CallManager
 
 pytestmark = pytest.mark.fast
 
@@ -138,7 +133,7 @@ class FastCall:
                 tools=self.tool_runner,
                 clock=TickingClock(loop),
             )
-            transport = TwilioJsonTransport(
+            transport = PhoneTransport(
                 self.phone, call_id=self.config.call_id, hangup_at=self.hangup_at
             )
             self.transport = transport
