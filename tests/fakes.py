@@ -12,6 +12,11 @@ lane, see `tests/test_fast_calls.py`).
     EnergyModel     the VAD's model, replaced by an energy threshold (why: see the test
                     module's docstring); the real VADBatcher and VADStream run around it
     MemoryStore, RecordingControl, ScriptedTools
+                    the app's side: the call's records, hang-up and transfer, tools
+    Phone           Twilio's side of the audio: plays what it gets at 8000 B/s, sends
+                    marks back once played, drops what is unplayed on `clear`
+    PhoneTransport  the media-level `MediaTransport` between the call and the `Phone`
+    TickingClock    the loop's clock as the session reads it (why: its docstring)
 
 Must not import FastAPI, SQLAlchemy, a vendor SDK, or the app's `api/`, `store/` and
 `adapters/`: the fast lane is the pipeline against its contracts alone.
@@ -37,7 +42,7 @@ from pipeline.providers import (
     ToolCall,
     Transcript,
 )
-from pipeline.vad import SileroModel
+from pipeline.silero import SileroModel
 from utils import FRAME_BYTES, MULAW_SILENCE, SAMPLE_RATE
 
 FRAME_S = FRAME_BYTES / SAMPLE_RATE
