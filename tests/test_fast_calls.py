@@ -23,6 +23,9 @@ the Silero network (`fakes.EnergyModel`), inline rather than on the model's thre
   tested here is what the session does with the VAD's events.
 The caller's speech is therefore a full-scale square wave and its silence mu-law zero;
 what it "says" is the scripted STT's business (`fakes.ScriptedSTT`).
+
+Must not import the app around the pipeline (`main`, `api/`, `store/`, `adapters/`,
+`runtime/`), nor patch any of our modules: the session runs as it is, on its contracts.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ heard of an utterance (`Speech.heard_text`). Pure functions: no loop, no server,
 The chunker is fed the same text split three ways (one character at a time, word-ish tokens
 as Ollama streams them, and three characters at a time, which cuts through "Dr." and
 "3.5"): a chunk boundary must not depend on where the tokens happen to split.
+
+Must not import anything of ours but `pipeline.text` and `pipeline.speech`.
 """
 
 from __future__ import annotations
