@@ -63,10 +63,6 @@ def mulaw_to_float(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
     return _DECODE_FLOAT.take(np.frombuffer(data, dtype=np.uint8), out=out, mode="clip")
 
 
-def audio_seconds(n_bytes: int) -> float:
-    return n_bytes / SAMPLE_RATE
-
-
 # --- phone numbers ----------------------------------------------------------------------
 
 
@@ -93,10 +89,6 @@ def mask_phone(number: str | None) -> str:
 # --- templating -------------------------------------------------------------------------
 
 _VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-
-
-def template_variables(text: str) -> set[str]:
-    return set(_VARIABLE.findall(text or ""))
 
 
 def render_template(text: str, variables: dict[str, object]) -> str:

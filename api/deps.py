@@ -21,7 +21,6 @@ from api.errors import APIError, not_found
 from config import Settings
 from models import Agent
 from pipeline.metrics import PipelineMetrics
-from store.calls import SqlCallStore
 from store.db import Database
 
 _bearer = HTTPBearer(auto_error=False)
@@ -67,14 +66,6 @@ def get_metrics(request: Request) -> PipelineMetrics:
 
 
 MetricsDep = Annotated[PipelineMetrics, Depends(get_metrics)]
-
-
-def get_call_store(request: Request) -> SqlCallStore:
-    store: SqlCallStore = request.app.state.call_store
-    return store
-
-
-CallStoreDep = Annotated[SqlCallStore, Depends(get_call_store)]
 
 
 def require_api_key(

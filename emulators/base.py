@@ -378,18 +378,9 @@ def config_from(cls: type[C], config: C | dict | None, overrides: dict[str, Any]
     return cls(**base)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
-    """Block until `predicate()` is true; TimeoutError otherwise."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(interval)
-
-
 async def async_wait_until(predicate: Callable[[], bool], interval: float = 0.01) -> None:
-    """`wait_until` for async callers: polls without blocking the caller's loop. Bound it
-    with `asyncio.timeout()`."""
+    """Wait until `predicate()` is true, polling without blocking the caller's loop. Bound
+    it with `asyncio.timeout()`."""
     # ASYNC110 ignored: the state is written on an emulator thread, so there is no Event
     # on the caller's loop to await
     while not predicate():  # noqa: ASYNC110

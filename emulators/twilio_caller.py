@@ -178,10 +178,6 @@ class CallerResult:
             out.append(None if hit is None else hit - seg.start)
         return out
 
-    @property
-    def marks_echoed(self) -> list[str]:
-        return [m.name for m in self.marks if m.echoed is not None]
-
 
 # --- the caller -------------------------------------------------------------------------------
 

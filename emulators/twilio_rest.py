@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 
-from emulators.base import ThreadedServer, async_wait_until, wait_until
+from emulators.base import ThreadedServer
 from utils import normalize_e164
 
 API = "/2010-04-01"
@@ -157,15 +157,6 @@ class TwilioRestEmulator(ThreadedServer):
         with self.lock:
             call = self._calls.get(call_sid)
             return dict(call) if call else None
-
-    def wait_for_calls(self, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
-        wait_until(lambda: len(self._calls) >= count, timeout)
-        return self.calls
-
-    async def async_wait_for_calls(self, count: int = 1) -> list[dict[str, Any]]:
-        """Bound with `asyncio.timeout()`."""
-        await async_wait_until(lambda: len(self._calls) >= count)
-        return self.calls
 
     # --- fault injection and state changes ----------------------------------------------
 

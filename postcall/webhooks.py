@@ -60,8 +60,8 @@ from utils import new_id, utcnow
 log = logging.getLogger("ai_sdr.webhooks")
 
 ALWAYS_SENT = frozenset({"call.started", "call.ended", "call.analyzed"})
-OPT_IN = frozenset({"call.transcript", "tool.called"})
-"""Sent only when listed in the agent's `webhook_events`."""
+"""Sent to every agent with a webhook URL; the other `schemas.WebhookEventName`s only when
+listed in the agent's `webhook_events`."""
 
 SIGNATURE_HEADER = "X-Webhook-Signature"
 ID_HEADER = "X-Webhook-Id"
