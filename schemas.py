@@ -1,7 +1,8 @@
 """Pydantic request and response models for the public API. Field names follow the commercial
 voice platforms so configurations port over.
 
-Must not import SQLAlchemy models' sessions, FastAPI routes or the pipeline.
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, pipeline.
+Of ours, imports only: utils.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Small pure helpers: the G.711 mu-law codec, phone-number normalising, `{{variable}}`
-templating, ids and time. No I/O; must not import other project modules.
+templating, ids and time. No I/O.
 
 The codec uses numpy lookup tables rather than `audioop`, which Python 3.13 removed.
+
+Of ours, imports only: nothing.
 """
 
 from __future__ import annotations

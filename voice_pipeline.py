@@ -19,6 +19,10 @@ Each agent utterance is a `Speech` produced by its own task (LLM -> chunker -> T
 speech while the agent is audible pauses it at once (Twilio `clear`); the transcript then
 decides: backchannel or noise resumes from the byte the caller last heard, anything else
 cancels the producer and the assistant turn keeps exactly what was heard.
+
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas.
 """
 
 from __future__ import annotations

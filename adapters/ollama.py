@@ -12,7 +12,8 @@ post-call analysis, and a health probe. Maps every client, HTTP and timeout fail
 The streaming generator always closes its HTTP response on exit, so a barge-in stops
 generation on the server (a bare `break` would leave it running: PROTOCOLS C6).
 
-Must not import FastAPI, SQLAlchemy or voice_pipeline.
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, chromadb, api, store, knowledge,
+tools, postcall, voice_pipeline, models.
 """
 
 from __future__ import annotations

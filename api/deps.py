@@ -2,6 +2,8 @@
 the app's services, the API key check, pagination and one `get_or_404`.
 
 Routers take what they need from here and never read `app.state` themselves.
+
+Must not import: twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ splits the stream into frames itself. The common frame, a whole masked text mess
 extension bits, is unmasked (websockets' C `apply_mask`) and handed to the sink; any other
 frame (control frames, fragments, binary, compressed, oversize, unmasked) is fed whole to
 websockets' parser, which handles it as before and so always sees whole frames.
+
+Must not import: twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations

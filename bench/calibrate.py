@@ -10,6 +10,8 @@
 
 Both are reported beside the pipeline overhead, which counts them as overhead: part of what
 the service appears to add is the emulators' scheduling and HTTP.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations

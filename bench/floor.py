@@ -16,6 +16,8 @@ absolute clock for `--seconds`; each server runs in its own process, and its CPU
 and then its audio work, so `direct` is a floor under its CPU per call (BENCHMARKS.md).
 
     .venv/bin/python -m bench.floor --calls 100 --seconds 15
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations

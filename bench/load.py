@@ -4,6 +4,8 @@ back over real sockets until the run's duration is over.
 A call is what Twilio would do: a signed POST to /twilio/voice (the call id comes back in
 the TwiML <Parameter>), then a Media Stream (TwilioCaller) to /twilio/media with that call
 id, then the call record is read back from GET /v1/calls/{id}.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ Definitions (all times in ms):
   LEAD_S before it plays). Jitter is the change in lateness between consecutive
   clock-paced frames (= inter-arrival deviation from the frame length); an underrun is a
   frame that arrives after the caller's buffer ran dry, within a continuing answer.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations

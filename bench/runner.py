@@ -1,6 +1,8 @@
 """One benchmark run against a started BenchStack: an optional warm-up call, the idle
 reading, N concurrent call slots for the duration while the server's memory is sampled,
 then the report dict (figures, resources, targets).
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ latencies (STT final + LLM first token + first-chunk generation + TTS first byte
 The pipeline also waits for the caller to stop talking before the turn ends (about
 TURN_DETECTION_MS of silence), a turn-taking policy rather than a provider latency, so the
 second budget adds it.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations

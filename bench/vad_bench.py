@@ -9,6 +9,8 @@
    possible (all calls' frames of one 20 ms tick submitted together): CPU per call.
 4. The same N streams paced in real time with random frame phases, each call its own task:
    CPU use, batch sizes and the wall time from a frame's arrival to its VAD result.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ read by other threads through copying properties.
 was received and when its first output went out, against the delay configured for it: the
 emulator's own lateness (the benchmark reads it after a run).
 
-Must not import project modules (not even utils) or vendor SDKs.
+Must not import: twilio, deepgram, ollama.
+Of ours, imports only: nothing.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ REST speak request's timing (received, first audio byte written, configured
 `GET /emulator/timings` as `{"tts": [...]}` (see
 `emulators.base.timings_route`).
 
-Must not import project modules other than utils.
+Of ours, imports only: emulators, utils.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ stream ends stops generation and is counted as a cancellation.
 Each streamed chat's timing (received, first token line written, configured TTFT) is
 served at `GET /emulator/timings` as `{"llm": [...]}` (see `emulators.base.timings_route`).
 
-Must not import project modules.
+Of ours, imports only: emulators.
 """
 
 from __future__ import annotations

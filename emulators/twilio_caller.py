@@ -11,7 +11,7 @@ Everything heard is recorded with monotonic times relative to the moment `start`
 Light enough for 200 concurrent callers in one process: two tasks per call, payloads
 pre-encoded when speech is scheduled, no per-frame numpy or JSON encoding.
 
-Must not import project modules other than utils.
+Of ours, imports only: emulators, utils.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ bodies, so the real `twilio` SDK can be pointed at it (`client.api.base_url = em
 It also plays Twilio's webhook side: `post_status_callback()` sends a form POST signed with
 X-Twilio-Signature the way Twilio does (PROTOCOLS A5/A6).
 
-Must not import project modules other than utils.
+Of ours, imports only: emulators, utils.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ or out-of-order Twilio callbacks never move a call backwards. `SqlCallStore` imp
 pipeline's `CallStore` protocol on SQLAlchemy; its writes are group-committed: one
 transaction for whatever all live calls queued meanwhile.
 
-Must not import FastAPI or vendor SDKs.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb.
 """
 
 from __future__ import annotations

@@ -2,11 +2,15 @@
 buffer, day and time parsing for what an LLM passes, spoken times, and iCalendar export.
 
 Pure functions over `CalendarSettings` and plain (start, end) intervals: no database, no
-clock of its own (callers pass `now`). Must not import FastAPI, SQLAlchemy or the pipeline.
+clock of its own (callers pass `now`).
 
 Times: bookings are stored in UTC; slots, parsing and speech use the calendar's timezone.
 Slots start on a grid of `slot_minutes` from `working_hours_start`; a slot is free when no
 busy interval comes within `buffer_minutes` of it.
+
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb, sqlalchemy, pipeline.
+Of ours, imports only: schemas.
 """
 
 from __future__ import annotations
