@@ -40,7 +40,8 @@ def _build_encode_table() -> np.ndarray:
     # exponent = position of the highest set bit among bits 7..14, minus 7
     exponent = np.clip(np.floor(np.log2(magnitude)).astype(np.int32) - 7, 0, 7)
     mantissa = (magnitude >> (exponent + 3)) & 0x0F
-    return ((~(sign | (exponent << 4) | mantissa)) & 0xFF).astype(np.uint8)
+    table: np.ndarray = ((~(sign | (exponent << 4) | mantissa)) & 0xFF).astype(np.uint8)
+    return table
 
 
 _DECODE = _build_decode_table()

@@ -444,7 +444,7 @@ def _kind(message: Any) -> str | None:
     B6), so only the `type` field tells them apart."""
     if isinstance(message, bytes | bytearray):
         return None
-    return _field(message, "type")
+    return cast(str | None, _field(message, "type"))
 
 
 def _field(message: Any, name: str) -> Any:

@@ -68,7 +68,8 @@ class OllamaLLM:
         self._health_timeout_s = health_timeout_s
 
     async def aclose(self) -> None:
-        await self._client.close()
+        # ollama 0.6.3 leaves AsyncClient.close() unannotated
+        await self._client.close()  # type: ignore[no-untyped-call]
 
     async def stream_chat(
         self,

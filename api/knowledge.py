@@ -73,7 +73,7 @@ _UPLOAD_BODY: dict[str, Any] = {
 
 
 def get_knowledge(request: Request) -> KnowledgeBase:
-    knowledge = getattr(request.app.state, "knowledge", None)
+    knowledge: KnowledgeBase | None = getattr(request.app.state, "knowledge", None)
     if knowledge is None:
         raise APIError(503, "knowledge_unavailable", "the knowledge base is not available")
     return knowledge

@@ -100,7 +100,9 @@ def providers_from(args: argparse.Namespace) -> Providers:
     )
 
 
-def measure(stack: BenchStack, config: RunConfig, providers: Providers, args) -> dict[str, Any]:
+def measure(
+    stack: BenchStack, config: RunConfig, providers: Providers, args: argparse.Namespace
+) -> dict[str, Any]:
     """One run, under py-spy if asked."""
     spy = None
     if args.py_spy:

@@ -104,7 +104,9 @@ async def answer_inbound(http: httpx.AsyncClient, call_sid: str) -> str:
     return match.group(1)
 
 
-async def settled_detail(http: httpx.AsyncClient, call_id: str, wait_s: float = 15.0) -> dict:
+async def settled_detail(
+    http: httpx.AsyncClient, call_id: str, wait_s: float = 15.0
+) -> dict[str, Any]:
     """The call record once the pipeline has recorded its end (or as it is after wait_s)."""
     deadline = time.monotonic() + wait_s
     while True:

@@ -192,7 +192,9 @@ def overhead_net_of_lateness(server: dict[str, Any], lateness: dict[str, Any]) -
 # --- callers --------------------------------------------------------------------------------
 
 
-def _segment_values(result: CallerResult, values: list[float | None], labels: Iterable[str]):
+def _segment_values(
+    result: CallerResult, values: list[float | None], labels: Iterable[str]
+) -> list[float | None]:
     wanted = set(labels)
     return [
         None if v is None else v * 1000

@@ -50,10 +50,13 @@ def _net_overhead(report: dict[str, Any]) -> float | None:
     tts = report_field(report, "emulator_floor.tts_first_byte_extra_ms.p50")
     if total is None or llm is None or tts is None:
         return None
-    return round(total - llm - tts, 1)
+    net: float = total - llm - tts
+    return round(net, 1)
 
 
-def evaluate(report: dict[str, Any], providers: Providers, script: CallScript) -> list[dict]:
+def evaluate(
+    report: dict[str, Any], providers: Providers, script: CallScript
+) -> list[dict[str, Any]]:
     budget = max(providers.budget_ms(r) for r in script.replies)
     calls = report["calls"]
     targets = [

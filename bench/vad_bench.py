@@ -21,6 +21,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +99,7 @@ class RunFigures:
     max_batch: int
 
 
-async def run_fast(scripts: list[list[bytes]], batcher: VADBatcher, **options) -> RunFigures:
+async def run_fast(scripts: list[list[bytes]], batcher: VADBatcher, **options: Any) -> RunFigures:
     streams = [VADStream(batcher, **options) for _ in scripts]
     wall, cpu = time.perf_counter(), time.process_time()
     for step in zip(*scripts, strict=True):

@@ -220,7 +220,8 @@ def abort_connection(scope: Scope) -> bool:
 
 
 def server_of(scope: Scope) -> ThreadedServer:
-    return scope[_SCOPE_SERVER]
+    server: ThreadedServer = scope[_SCOPE_SERVER]
+    return server
 
 
 async def wait_for_http_disconnect(receive: Receive) -> None:
@@ -279,7 +280,9 @@ class PacedResponse:
         if abort_connection(scope):
             await wait_for_http_disconnect(receive)
 
-    async def _after_body(self, scope: Scope, receive: Receive, producer: asyncio.Future) -> None:
+    async def _after_body(
+        self, scope: Scope, receive: Receive, producer: asyncio.Future[None]
+    ) -> None:
         exc = producer.exception()
         if exc is None:
             return
@@ -362,7 +365,7 @@ def timings_route(
 C = TypeVar("C")
 
 
-def config_from(cls: type[C], config: C | dict | None, overrides: dict[str, Any]) -> C:
+def config_from(cls: type[C], config: C | dict[str, Any] | None, overrides: dict[str, Any]) -> C:
     """Build a config dataclass from an instance, a dict (e.g. parsed JSON) and keyword
     overrides; unknown keys are an error rather than silently ignored."""
     if config is None:

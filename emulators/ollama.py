@@ -150,7 +150,7 @@ class OllamaEmulator(ThreadedServer):
 
     def __init__(
         self,
-        config: OllamaConfig | dict | None = None,
+        config: OllamaConfig | dict[str, Any] | None = None,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -317,7 +317,7 @@ class OllamaEmulator(ThreadedServer):
     def _respond(
         self,
         model: str,
-        body: dict,
+        body: dict[str, Any],
         reply: Reply,
         mode: str | None,
         ttft: float,
@@ -354,7 +354,7 @@ class _Turn:
         self,
         emu: OllamaEmulator,
         model: str,
-        body: dict,
+        body: dict[str, Any],
         content: str,
         tool_calls: list[dict[str, Any]],
         mode: str | None,

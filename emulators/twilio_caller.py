@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
@@ -509,7 +510,7 @@ class TwilioCaller:
         else:
             await self._on_clear(ws, now)
 
-    def _on_media(self, now: float, message: dict) -> None:
+    def _on_media(self, now: float, message: dict[str, Any]) -> None:
         try:
             audio = base64.b64decode((message.get("media") or {})["payload"], validate=True)
         except (KeyError, TypeError, binascii.Error):

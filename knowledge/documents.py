@@ -26,7 +26,8 @@ from pathlib import PurePath
 from typing import Literal
 
 import pypdf
-from bs4 import BeautifulSoup, Comment, NavigableString, Tag
+from bs4 import BeautifulSoup, Comment, Tag
+from bs4.element import NavigableString
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024  # same default as Settings.MAX_DOCUMENT_BYTES
 HEADING_SEPARATOR = " > "

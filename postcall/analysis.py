@@ -269,7 +269,7 @@ class CallAnalyser:
         if attempts >= self.settings.ANALYSIS_MAX_ATTEMPTS:
             await self._settle(job, None, f"LLM unavailable after {attempts} attempts: {exc}")
             return None
-        delay = self.settings.ANALYSIS_RETRY_BASE_S * 2 ** min(attempts - 1, 30)
+        delay = self.settings.ANALYSIS_RETRY_BASE_S * 2.0 ** min(attempts - 1, 30)
         return min(delay, MAX_RETRY_DELAY_S) * (0.5 + self.jitter() / 2)
 
     async def _invalid(self, job: _Job, exc: Exception) -> float | None:

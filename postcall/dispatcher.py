@@ -286,7 +286,7 @@ class WebhookDispatcher:
 
     def backoff(self, event: WebhookEvent) -> float:
         """Exponential from WEBHOOK_BACKOFF_BASE_S, capped, with jitter in [50 %, 100 %]."""
-        base = self.settings.WEBHOOK_BACKOFF_BASE_S * 2 ** min(event.attempts - 1, 30)
+        base = self.settings.WEBHOOK_BACKOFF_BASE_S * 2.0 ** min(event.attempts - 1, 30)
         return min(base, MAX_BACKOFF_S) * (0.5 + self.jitter() / 2)
 
     async def _release_claim(self, event_id: str) -> None:

@@ -86,7 +86,9 @@ _TOOL_CONFIG: TypeAdapter[BuiltinTool | HttpTool] = TypeAdapter(ToolConfig)
 Handler = Callable[[ToolCall, ToolContext], Awaitable[ToolOutcome]]
 
 
-def _function(name: str, description: str, properties: dict[str, Any], required: list[str]):
+def _function(
+    name: str, description: str, properties: dict[str, Any], required: list[str]
+) -> dict[str, Any]:
     parameters = {"type": "object", "properties": properties, "required": required}
     return {
         "type": "function",
@@ -607,7 +609,7 @@ def _first_days(slots: list[Slot]) -> list[Slot]:
     return chosen
 
 
-def _confirmation(booking: Booking, calendar: CalendarSettings, *, already: bool) -> dict:
+def _confirmation(booking: Booking, calendar: CalendarSettings, *, already: bool) -> dict[str, Any]:
     when = spoken_time(booking.start_at, calendar)
     label = zone_label(calendar)
     sentence = (

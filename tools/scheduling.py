@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from icalendar import Calendar, Event
@@ -36,7 +37,7 @@ class Slot:
     end: datetime
 
 
-def calendar_from(data: dict | None) -> CalendarSettings:
+def calendar_from(data: dict[str, Any] | None) -> CalendarSettings:
     """The agent's stored calendar dict as settings; defaults when empty or invalid."""
     try:
         return CalendarSettings.model_validate(data or {})
@@ -228,4 +229,5 @@ def booking_ics(
         event.add("description", description)
     event.add("status", "CANCELLED" if cancelled else "CONFIRMED")
     calendar.add_component(event)
-    return calendar.to_ical()
+    ical: bytes = calendar.to_ical()
+    return ical
