@@ -1,7 +1,7 @@
 """The `/v1` routes for webhook deliveries (the delivery log and redelivery) and for exports
 (one call's transcript; calls as CSV for CRM imports). Bearer API key on every route.
 
-Include this router before `routes_v1`: `/v1/calls/export` would otherwise be read as
+Include this router before `api.calls`: `/v1/calls/export` would otherwise be read as
 `/v1/calls/{call_id}`.
 
 The calls export is streamed in keyset-paginated batches, each read in its own short

@@ -77,7 +77,7 @@ class PostCall:
         )
 
     def live_events(self, agent: Agent) -> set[str]:
-        """The live-call events (`call_store.LIVE_EVENTS`) these hooks act on for `agent`:
+        """The live-call events (`store.calls.LIVE_EVENTS`) these hooks act on for `agent`:
         only the outbox acts on them, when the agent's webhook asked for them."""
         if not self.outbox.url_for(agent):
             return set()

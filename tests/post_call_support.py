@@ -1,5 +1,5 @@
 """Test support for webhooks, analysis and exports: a real local webhook receiver, signature
-verification written independently of `webhooks.py` (stdlib hmac only), a running app on a
+verification written independently of `adapters.signing` (stdlib hmac only), a running app on a
 given settings object, and calls driven through the inbound webhook and `SqlCallStore`."""
 
 from __future__ import annotations

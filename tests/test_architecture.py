@@ -456,6 +456,38 @@ def test_the_top_level_holds_only_the_design_cards_files_packages_and_project_fi
     assert entries >= DESIGN_CARD_FILES
 
 
+PRIVATE_INTERNALS = {
+    "api/media_ws.py": {"uvicorn": "0.54.0", "websockets": "17.4"},
+    "adapters/http.py": {"httpx": "0.28.1", "httpx-aiohttp": "0.1.12"},
+    "adapters/deepgram.py": {"deepgram-sdk": "7.17.0", "websockets": "17.4"},
+}
+"""The labelled places that reach into a library's private internals for measured CPU
+savings, and the versions each was checked against (docs/ARCHITECTURE.md lists them)."""
+
+
+def pinned_versions(requirements: Path) -> dict[str, str]:
+    pins = {}
+    for line in requirements.read_text().splitlines():
+        spec = line.split("#")[0].strip()
+        if "==" in spec:
+            name, version = spec.split("==")
+            pins[name.split("[")[0].strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+@pytest.mark.parametrize("rel", sorted(PRIVATE_INTERNALS))
+def test_each_reach_into_private_internals_names_the_pinned_versions_it_was_checked_against(
+    rel: str,
+) -> None:
+    """A version bump fails here until the module is checked again and its docstring says so."""
+    docstring = " ".join((ast.get_docstring(ast.parse((ROOT / rel).read_text())) or "").split())
+    pins = pinned_versions(ROOT / "requirements.txt")
+    for dist, version in PRIVATE_INTERNALS[rel].items():
+        assert pins.get(dist) == version, f"requirements.txt pins {dist} {pins.get(dist)}"
+        assert f"{dist} {version}" in docstring, f"{rel} does not say '{dist} {version}'"
+    assert "fallback" in docstring.lower(), f"{rel} does not say what the fallback is"
+
+
 # --- the checker itself, on a made-up tree ---------------------------------------------------
 
 
