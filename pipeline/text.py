@@ -1,7 +1,9 @@
 """Text helpers of the live call: words, backchannels, the heard share of a chunk, and the
 chunker that turns an LLM token stream into speakable pieces. Pure functions, no I/O.
 
-Must not import anything outside the standard library.
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas, voice_pipeline.
 """
 
 from __future__ import annotations

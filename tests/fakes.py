@@ -216,7 +216,6 @@ class ScriptedLLM:
     def __init__(self, replies: list[Reply]) -> None:
         self.replies = list(replies)
         self.requests: list[LLMRequest] = []
-        self.closed_early = 0
 
     async def stream_chat(
         self,
@@ -230,20 +229,14 @@ class ScriptedLLM:
         if not self.replies:
             raise LLMUnavailable("the script has no more replies")
         reply = self.replies.pop(0)
-        finished = False
-        try:
-            await asyncio.sleep(reply.first_token_s)
-            for i, token in enumerate(word_tokens(reply.text)):
-                if i:
-                    await asyncio.sleep(reply.token_s)
-                yield LLMDelta(text=token)
-            if reply.tool_calls:
-                yield LLMDelta(tool_calls=list(reply.tool_calls))
-            yield LLMDelta(done=True)
-            finished = True
-        finally:
-            if not finished:
-                self.closed_early += 1
+        await asyncio.sleep(reply.first_token_s)
+        for i, token in enumerate(word_tokens(reply.text)):
+            if i:
+                await asyncio.sleep(reply.token_s)
+            yield LLMDelta(text=token)
+        if reply.tool_calls:
+            yield LLMDelta(tool_calls=list(reply.tool_calls))
+        yield LLMDelta(done=True)
 
     async def complete_json(
         self, messages: list[Message], *, model: str, schema: dict[str, Any]
