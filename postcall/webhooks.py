@@ -43,7 +43,7 @@ from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
-from adapters.netguard import PublicOnlyTransport, UnsafeURLError
+from adapters.netguard import UnsafeURLError, guarded_client
 from config import Settings
 from models import Agent, Call, CallEvent, TranscriptTurn, WebhookAttempt, WebhookEvent
 from postcall.hooks import TaskSet, after_commit
@@ -288,9 +288,10 @@ class WebhookDispatcher:
     ) -> None:
         self.sessionmaker = sessionmaker
         self.settings = settings
-        guarded = PublicOnlyTransport(transport, allow_private=settings.ALLOW_PRIVATE_URLS)
-        self.client = httpx.AsyncClient(
-            transport=guarded, timeout=settings.WEBHOOK_TIMEOUT_S, follow_redirects=False
+        self.client = guarded_client(
+            allow_private=settings.ALLOW_PRIVATE_URLS,
+            timeout=settings.WEBHOOK_TIMEOUT_S,
+            inner=transport,
         )
         self.max_in_flight = max_in_flight
         self.idle_poll_s = idle_poll_s

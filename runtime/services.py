@@ -13,12 +13,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
-import httpx
 from fastapi import FastAPI
 
 from adapters.deepgram_stt import DeepgramSTT, StreamPolicy
 from adapters.deepgram_tts import DeepgramStreamingTTS, build_tts
-from adapters.netguard import PublicOnlyTransport
+from adapters.netguard import guarded_client
 from adapters.ollama import OllamaLLM
 from adapters.telephony import TwilioGateway
 from api.admission import CallAdmission
@@ -67,9 +66,7 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
     )
     await asyncio.to_thread(SileroModel.load)  # load once, off the loop, before calls
     app.state.knowledge = knowledge = await start_knowledge(settings)  # same for MiniLM
-    tools_http = httpx.AsyncClient(
-        transport=PublicOnlyTransport(allow_private=settings.ALLOW_PRIVATE_URLS)
-    )
+    tools_http = guarded_client(allow_private=settings.ALLOW_PRIVATE_URLS)
     app.state.db, app.state.twilio, app.state.llm = database, twilio, llm
     app.state.call_store = store
     app.state.calls = calls = CallManager(
