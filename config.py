@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     DB_COMMIT_WINDOW_MS: int = Field(default=100, ge=0, le=2000)
     PUBLIC_BASE_URL: str = "http://localhost:8000"
     API_KEYS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["dev-key"])
-    MAX_REQUEST_BYTES: int = 30 * 1024 * 1024
+    MAX_REQUEST_BYTES: int = Field(default=1024 * 1024, gt=0)
     MAX_CONCURRENT_CALLS: int = Field(default=100, ge=0)
 
     # --- Twilio --------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = PipelineMetrics()
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_REQUEST_BYTES)
+    uploads = {knowledge.UPLOAD_PATH: knowledge.upload_body_limit(settings.MAX_DOCUMENT_BYTES)}
+    app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_REQUEST_BYTES, routes=uploads)
     # webhooks first: /v1/calls/export must not be taken for /v1/calls/{call_id}
     for module in (webhooks, agents, calls, knowledge, bookings, twilio, health):
         app.include_router(module.router)

@@ -49,6 +49,14 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=[
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and a title field
 JSON_EXPANSION = 6  # "\u00e9" in JSON is six bytes for a two-byte character
+UPLOAD_PATH = r"/v1/agents/[^/]+/documents"
+"""The one route whose body may pass MAX_REQUEST_BYTES (`api.errors.BodySizeLimit`)."""
+
+
+def upload_body_limit(max_document_bytes: int) -> int:
+    """The largest upload body: a JSON body of the largest document (the route checks the
+    tighter limit of its content type as it reads)."""
+    return max_document_bytes * JSON_EXPANSION + MULTIPART_OVERHEAD
 
 _UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
