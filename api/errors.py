@@ -110,9 +110,7 @@ class BodySizeLimit:
     limit gets a 413 before anything reads the body; a chunked body gets its 413 as soon as
     the bytes received pass the limit (the rest is never read)."""
 
-    def __init__(
-        self, app: Any, max_bytes: int, routes: dict[str, int] | None = None
-    ) -> None:
+    def __init__(self, app: Any, max_bytes: int, routes: dict[str, int] | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
         self.routes = [(re.compile(pattern), limit) for pattern, limit in (routes or {}).items()]
 

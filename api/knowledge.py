@@ -58,6 +58,7 @@ def upload_body_limit(max_document_bytes: int) -> int:
     tighter limit of its content type as it reads)."""
     return max_document_bytes * JSON_EXPANSION + MULTIPART_OVERHEAD
 
+
 _UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,

@@ -4,6 +4,7 @@ every route (the JSON API, the Twilio webhooks, document uploads)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -56,10 +57,8 @@ def stream_chunked(port: int, path: str, content_type: str, total: int) -> tuple
         pending, sent, answer = b"", 0, b""
         deadline = time.monotonic() + 30
         while sent < total and time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 answer = sock.recv(65536)
-            except BlockingIOError:
-                pass
             if answer:
                 break
             pending = pending or piece
