@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     KNOWLEDGE_TOP_K: int = 3
     KNOWLEDGE_MIN_SIMILARITY: float = 0.25
     MAX_DOCUMENT_BYTES: int = 10 * 1024 * 1024
+    MAX_DOCUMENT_PAGES: int = Field(default=500, ge=1)
+    MAX_DOCUMENT_TEXT_CHARS: int = Field(default=2_000_000, ge=1000)
+    DOCUMENT_PARSE_TIMEOUT_S: float = Field(default=20.0, gt=0)
+    KNOWLEDGE_RETRIEVAL_BUDGET_MS: int = Field(default=300, ge=1)
+    KNOWLEDGE_WRITE_BATCH: int = Field(default=256, ge=1)
 
     # --- webhooks and tools -------------------------------------------------------------
     WEBHOOK_SIGNING_SECRET: str = "dev-webhook-secret"

@@ -170,8 +170,16 @@ class CallEvent(Base):
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+DOCUMENT_STATUSES = ("processing", "ready")
+
+
 class Document(Base):
+    """An uploaded document. `processing` until all its chunks are in the knowledge base;
+    rows left `processing` by a crash are removed, with their chunks, at startup. One
+    content hash per agent: a duplicate upload loses the unique index race."""
+
     __tablename__ = "documents"
+    __table_args__ = (Index("uq_documents_agent_sha256", "agent_id", "sha256", unique=True),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("doc"))
     agent_id: Mapped[str] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"), index=True)
@@ -181,6 +189,7 @@ class Document(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     chunk_count: Mapped[int] = mapped_column(Integer, default=0)
     title: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    status: Mapped[str] = mapped_column(String(20), default="processing", server_default="ready")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

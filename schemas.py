@@ -334,6 +334,7 @@ class DocumentRead(BaseModel):
     size_bytes: int
     sha256: str
     chunk_count: int
+    status: Literal["processing", "ready"]
     created_at: datetime
 
 

@@ -23,11 +23,12 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import chromadb
 import numpy as np
@@ -51,6 +52,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bars in service logs
 
 log = logging.getLogger("ai_sdr." + __name__)
+T = TypeVar("T")
 
 EMBEDDING_FUNCTION_NAME = "ai_sdr_minilm_l6_v2"
 COLLECTION_PREFIX = "kb-"
@@ -229,8 +231,14 @@ _START_CHAR = "start_char"
 _BODY_OFFSET = "body_offset"  # where the chunk text starts inside the stored (embedded) text
 
 
+SEARCH_THREADS = 4
+"""Threads for per-turn retrieval, apart from writes and asyncio's default pool: a caller's
+query never queues behind an upload's embedding or other blocking work."""
+
+
 class KnowledgeBase:
-    """One Chroma collection per agent. Async methods run the blocking work in threads.
+    """One Chroma collection per agent. Async methods run the blocking work in threads:
+    searches in their own pool (`SEARCH_THREADS`), writes in one thread of their own.
 
     Writes to one collection are serialised by a threading lock held by the worker thread
     itself, so a cancelled caller never lets a second write start before the first ends.
@@ -249,15 +257,27 @@ class KnowledgeBase:
         # creates collections behind our back.
         self._absent: set[str] | None = None if settings.CHROMA_HOST else set()
         self._creations = 0  # a lookup that raced a creation must not mark it absent
+        self._searches = ThreadPoolExecutor(SEARCH_THREADS, thread_name_prefix="kb-search")
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="kb-write")
 
     # --- lifecycle ---
+
+    @property
+    def embedded(self) -> bool:
+        """Whether Chroma runs in this process (CHROMA_PATH), not as a shared server."""
+        return not self._settings.CHROMA_HOST
 
     def warm_up(self) -> None:
         """Load the model and open the client. Blocking (seconds): call it off the loop."""
         self._embedding_function(["warm up"])
         self._get_client()
 
+    async def _in(self, pool: ThreadPoolExecutor, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+
     def close(self) -> None:
+        self._searches.shutdown(wait=True, cancel_futures=True)
+        self._writes.shutdown(wait=True, cancel_futures=True)
         with self._client_lock:
             client, self._client = self._client, None
         if client is not None and hasattr(client, "close"):
@@ -284,17 +304,17 @@ class KnowledgeBase:
         """
         name = collection_name(agent_id)
         chunk_list = list(chunks)
-        return await asyncio.to_thread(self._add_sync, name, document_id, chunk_list, source)
+        return await self._in(self._writes, self._add_sync, name, document_id, chunk_list, source)
 
     async def delete_document(self, agent_id: str, document_id: str) -> int:
         """Remove every chunk of one document; returns how many were removed."""
         name = collection_name(agent_id)
-        return await asyncio.to_thread(self._delete_document_sync, name, document_id)
+        return await self._in(self._writes, self._delete_document_sync, name, document_id)
 
     async def delete_agent(self, agent_id: str) -> None:
         """Drop the agent's whole collection; a missing one is fine."""
         name = collection_name(agent_id)
-        await asyncio.to_thread(self._delete_collection_sync, name)
+        await self._in(self._writes, self._delete_collection_sync, name)
 
     # --- reads ---
 
@@ -315,11 +335,31 @@ class KnowledgeBase:
         name = collection_name(agent_id)
         if self._absent is not None and name in self._absent:
             return []  # no documents: not even a hop to a worker thread
-        return await asyncio.to_thread(self._search_sync, name, query, top_k, min_similarity)
+        return await self._in(self._searches, self._search_sync, name, query, top_k, min_similarity)
 
     async def count(self, agent_id: str) -> int:
         name = collection_name(agent_id)
-        return await asyncio.to_thread(self._count_sync, name)
+        return await self._in(self._searches, self._count_sync, name)
+
+    def stored_documents(self) -> dict[str, set[str]]:
+        """Agent id -> the document ids that have chunks, over every collection. Blocking,
+        and reads every chunk's metadata: for the startup sweep only."""
+        stored: dict[str, set[str]] = {}
+        client = self._get_client()
+        for collection in client.list_collections():
+            if not collection.name.startswith(COLLECTION_PREFIX):
+                continue
+            metadatas = collection.get(include=["metadatas"])["metadatas"] or []
+            agent_id = collection.name.removeprefix(COLLECTION_PREFIX)
+            stored[agent_id] = {str(m.get(_DOCUMENT_ID, "")) for m in metadatas}
+        return stored
+
+    def delete_document_sync(self, agent_id: str, document_id: str) -> int:
+        """`delete_document`, blocking: for the startup sweep."""
+        return self._delete_document_sync(collection_name(agent_id), document_id)
+
+    def delete_agent_sync(self, agent_id: str) -> None:
+        self._delete_collection_sync(collection_name(agent_id))
 
     # --- blocking internals (worker threads) ---
 
