@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     API_KEYS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["dev-key"])
     MAX_REQUEST_BYTES: int = Field(default=1024 * 1024, gt=0)
     MAX_CONCURRENT_CALLS: int = Field(default=100, ge=0)
+    OPERATOR_ENDPOINTS: Literal["open", "api_key"] = "open"
 
     # --- Twilio --------------------------------------------------------------------------
     TWILIO_ACCOUNT_SID: str = ""
