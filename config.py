@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     TWILIO_AUTH_TOKEN: str = ""
     TWILIO_API_BASE_URL: str = "https://api.twilio.com"
     TWILIO_DEFAULT_FROM: str = ""
+    STREAM_TOKEN_SECRET: str = ""
+    STREAM_TOKEN_TTL_S: float = Field(default=60.0, gt=0)
 
     # --- Deepgram -----------------------------------------------------------------------
     DEEPGRAM_API_KEY: str = ""

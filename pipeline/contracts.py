@@ -43,6 +43,9 @@ class AgentConfig:
     transfer_number: str = ""
     caller_memory: str = ""
     variables: dict[str, Any] = field(default_factory=dict)
+    call_sid: str = ""
+    """The call's telephony SID as the database has it: every call-control action uses
+    this one, never a SID the media stream claims."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +127,13 @@ class CallControl(Protocol):
     async def transfer(self, call_sid: str, *, number: str, caller_id: str) -> None: ...
 
 
+class StreamGuard(Protocol):
+    async def refusal(self, start: StreamStart) -> str | None:
+        """None when the stream may run for the call it names; otherwise why not. Reads,
+        never writes."""
+        ...
+
+
 class Retriever(Protocol):
     async def context_for(self, agent_id: str, query: str) -> str:
         """Reference passages for `query`, formatted for the prompt, or ""."""
@@ -167,6 +177,8 @@ class PipelineDeps:
     vad_batcher: Callable[[], VADBatcher]
     retriever: Retriever | None = None
     tools: ToolRunner | None = None
+    stream_guard: StreamGuard | None = None
+    """Checks each stream's `start` before anything is read or written for its call."""
     vad_threshold: float = 0.5
     end_of_speech_ms: int = 300
     """Silence after which the caller's speech has ended: Finalize is sent to the STT then.

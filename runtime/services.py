@@ -21,6 +21,7 @@ from adapters.netguard import guarded_client
 from adapters.ollama import OllamaLLM
 from adapters.telephony import TwilioGateway
 from api.admission import CallAdmission
+from api.stream_binding import StreamGuard, StreamTokens
 from config import Settings
 from knowledge.parsing import DocumentParser
 from knowledge.service import DocumentIngest, KnowledgeRetriever, parse_limits, start_knowledge
@@ -74,6 +75,8 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
     app.state.ingest = ingest
     tools_http = guarded_client(allow_private=settings.ALLOW_PRIVATE_URLS)
     app.state.db, app.state.twilio, app.state.llm = database, twilio, llm
+    tokens = StreamTokens(settings.STREAM_TOKEN_SECRET, settings.STREAM_TOKEN_TTL_S)
+    app.state.stream_tokens = tokens
     app.state.call_store = store
     app.state.calls = calls = CallManager(
         PipelineDeps(
@@ -99,6 +102,7 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
                 on_timeout=metrics.retrieval_timeouts.inc,
             ),
             tools=AgentTools(database.sessionmaker, twilio, settings, tools_http),
+            stream_guard=StreamGuard(database.sessionmaker, tokens),
         )
     )
     app.state.admission = admission = CallAdmission(

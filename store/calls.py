@@ -238,6 +238,7 @@ class SqlCallStore:
             transfer_number=agent.transfer_number or "",
             caller_memory=memory,
             variables=variables,
+            call_sid=call.twilio_call_sid or "",
         )
 
     async def stream_started(self, call_id: str, *, stream_sid: str, call_sid: str) -> None:

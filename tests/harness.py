@@ -78,6 +78,8 @@ class LiveStack:
         self.ws_protocol = ws_protocol  # None: the protocol run.sh uses
         self.server: AppServer | None = None
         self.settings: Settings | None = None
+        self.stream_parameters: dict[str, dict[str, str]] = {}
+        """Per call id, the `<Parameter>`s of the TwiML that opened its stream."""
 
     def __enter__(self) -> LiveStack:
         for emulator in (self.deepgram, self.ollama, self.twilio):
@@ -156,9 +158,10 @@ class LiveStack:
                 "/twilio/voice", data=params, headers={"X-Twilio-Signature": signature}
             )
         assert response.status_code == 200, response.text
-        match = re.search(r'<Parameter name="call_id" value="([^"]+)"', response.text)
-        assert match, response.text
-        return match.group(1)
+        parameters = stream_parameters(response.text)
+        assert "call_id" in parameters, response.text
+        self.stream_parameters[parameters["call_id"]] = parameters
+        return parameters["call_id"]
 
     def caller(self, call_id: str, timeline: list[Action], **kwargs: Any) -> TwilioCaller:
         assert self.server is not None and self.settings is not None
@@ -168,7 +171,7 @@ class LiveStack:
             auth_token=AUTH_TOKEN,
             signed_url=self.settings.media_stream_url,
             account_sid=ACCOUNT_SID,
-            custom_parameters={"call_id": call_id},
+            custom_parameters=self.stream_parameters.get(call_id, {"call_id": call_id}),
             **kwargs,
         )
 
@@ -217,6 +220,11 @@ class LiveStack:
             time.sleep(0.05)
         if self.active_calls() == 0:
             assert not leaked, f"calls leaked tasks: {leaked}"
+
+
+def stream_parameters(twiml: str) -> dict[str, str]:
+    """The `<Parameter>`s of a `<Stream>`, which Twilio sends back as `customParameters`."""
+    return dict(re.findall(r'<Parameter name="([^"]+)" value="([^"]*)"', twiml))
 
 
 _ROOT = Path(__file__).resolve().parent.parent
