@@ -81,6 +81,7 @@ class Agent(Base):
     backchannel_phrases: Mapped[list[Any]] = mapped_column(default=list)
     fallback_line: Mapped[str | None] = mapped_column(Text, nullable=True)
     tools: Mapped[list[Any]] = mapped_column(default=list)
+    tool_limits: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
     transfer_number: Mapped[str | None] = mapped_column(String(20), nullable=True)
     calendar: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -218,6 +219,7 @@ class ToolInvocation(Base):
     """One side-effecting tool call; `idempotency_key` makes retries and repeats no-ops."""
 
     __tablename__ = "tool_invocations"
+    __table_args__ = (Index("ix_tool_invocations_destination", "destination", "started_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     call_id: Mapped[str | None] = mapped_column(
@@ -226,6 +228,8 @@ class ToolInvocation(Base):
     tool_name: Mapped[str] = mapped_column(String(100))
     idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
     arguments: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    destination: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    """The number a text went to: texts per destination per day are counted by it."""
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(20), default="running")
     started_at: Mapped[datetime] = mapped_column(default=utcnow)

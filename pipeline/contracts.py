@@ -16,6 +16,19 @@ from pipeline.providers import Clock, LLMProvider, STTProvider, ToolCall, TTSPro
 from pipeline.silero import VADBatcher
 
 
+@dataclass(frozen=True, slots=True)
+class ToolLimits:
+    """What a prompt-injected LLM can do at most (the agent's `tool_limits`)."""
+
+    tool_rounds_per_turn: int = 3
+    """LLM rounds of one turn that may call tools; the next round must answer in words."""
+    tool_calls_per_call: int = 20
+    sms_per_call: int = 2
+    sms_per_destination_per_day: int = 5
+    sms_destinations: tuple[str, ...] = ()
+    """Numbers besides the caller's own that `send_sms` may text."""
+
+
 @dataclass(slots=True)
 class AgentConfig:
     """Everything a call needs from its agent and call records, templates already filled."""
@@ -43,6 +56,7 @@ class AgentConfig:
     transfer_number: str = ""
     caller_memory: str = ""
     variables: dict[str, Any] = field(default_factory=dict)
+    tool_limits: ToolLimits = field(default_factory=ToolLimits)
     call_sid: str = ""
     """The call's telephony SID as the database has it: every call-control action uses
     this one, never a SID the media stream claims."""
@@ -156,6 +170,9 @@ class ToolOutcome:
     action: Literal["end_call", "transfer"] | None = None
     transfer_to: str | None = None
     say: str | None = None
+    refused: str | None = None
+    """Why a budget or policy refused the call (`result` says so to the LLM): counted in
+    `tool_refusals` and recorded on the call."""
 
 
 class ToolRunner(Protocol):

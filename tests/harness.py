@@ -171,7 +171,7 @@ class LiveStack:
             auth_token=AUTH_TOKEN,
             signed_url=self.settings.media_stream_url,
             account_sid=ACCOUNT_SID,
-            custom_parameters=self.stream_parameters.get(call_id, {"call_id": call_id}),
+            custom_parameters=self.parameters_for(call_id),
             **kwargs,
         )
 
@@ -182,6 +182,17 @@ class LiveStack:
         call_id = await self.answer_inbound(call_sid)
         result = await self.caller(call_id, timeline, call_sid=call_sid, **caller_kwargs).run()
         return call_id, result
+
+    def parameters_for(self, call_id: str) -> dict[str, str]:
+        """What Twilio would send back for `call_id`'s stream: from the voice webhook's
+        TwiML, or an outbound call's TwiML as the Twilio emulator received it."""
+        if call_id in self.stream_parameters:
+            return self.stream_parameters[call_id]
+        for call in self.twilio.calls:
+            parameters = stream_parameters(call.get("twiml") or "")
+            if parameters.get("call_id") == call_id:
+                return parameters
+        return {"call_id": call_id}
 
     async def call_detail(self, call_id: str, *, settled: bool = True) -> dict[str, Any]:
         """GET the call; with `settled`, wait until the pipeline has recorded its end."""

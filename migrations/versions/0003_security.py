@@ -1,4 +1,4 @@
-"""security: document ingest status and one content hash per agent
+"""security: document ingest status, one content hash per agent, tool budgets
 
 Revision ID: 0003
 Revises: 0002
@@ -34,9 +34,21 @@ def upgrade() -> None:
         " WHERE copy = 1)"
     )
     op.create_index("uq_documents_agent_sha256", "documents", ["agent_id", "sha256"], unique=True)
+    with op.batch_alter_table("agents", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("tool_limits", sa.JSON(), server_default="{}", nullable=False))
+    with op.batch_alter_table("tool_invocations", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("destination", sa.String(length=20), nullable=True))
+        batch_op.create_index(
+            "ix_tool_invocations_destination", ["destination", "started_at"], unique=False
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("tool_invocations", schema=None) as batch_op:
+        batch_op.drop_index("ix_tool_invocations_destination")
+        batch_op.drop_column("destination")
+    with op.batch_alter_table("agents", schema=None) as batch_op:
+        batch_op.drop_column("tool_limits")
     op.drop_index("uq_documents_agent_sha256", table_name="documents")
     with op.batch_alter_table("documents", schema=None) as batch_op:
         batch_op.drop_column("status")
