@@ -70,7 +70,7 @@ SILENCE_GOODBYE = "It seems we got disconnected. Feel free to call back anytime.
 MAX_DURATION_GOODBYE = "I'm sorry, we've reached the time limit for this call. Goodbye!"
 STT_FAILED_LINE = "I'm sorry, I'm having trouble hearing you. Please call back later. Goodbye."
 TRANSFER_FAILED_LINE = "I'm sorry, I couldn't connect you right now. Can I help with anything else?"
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 5.0
 WATCHDOG_S = 0.1
 """Timers (silence, max duration, DTMF, stale barge-in) are checked on this grid of the
 loop's clock, the same instants for every call: one wake-up of the loop serves all of

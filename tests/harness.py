@@ -36,6 +36,8 @@ class AppServer(ThreadedServer):
 
     name = "ai-sdr"
     ws_protocol = "api.media_ws:MediaStreamProtocol"  # as run.sh and the Dockerfile run it
+    http_protocol = "api.http_protocol:HeadTimeoutProtocol"
+    ws_max_size = 256 * 1024  # as run.sh: a media stream message is a few hundred bytes
 
     def __init__(self, settings: Settings, ws_protocol: str | None = None) -> None:
         super().__init__()
