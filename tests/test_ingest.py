@@ -273,3 +273,30 @@ def test_the_migration_keeps_the_oldest_of_duplicate_documents(tmp_path: Path) -
         "SELECT id, status FROM documents ORDER BY id"
     )
     assert rows.fetchall() == [("d2", "ready"), ("d3", "ready")]
+
+
+# --- retrieval's time budget --------------------------------------------------------------
+
+
+async def test_retrieval_past_its_budget_answers_without_passages(
+    tmp_path: Path, embedding_model: None
+) -> None:
+    from knowledge.chroma import KnowledgeBase
+    from knowledge.documents import chunk_document, parse_document
+    from knowledge.service import KnowledgeRetriever
+
+    knowledge = KnowledgeBase(make_settings(tmp_path))
+    try:
+        parsed = parse_document(long_text(3), filename="faq.txt", content_type="text/plain")
+        await knowledge.add_document("agt_1", "doc_1", chunk_document(parsed), source="faq.txt")
+        timeouts: list[int] = []
+        hurried = KnowledgeRetriever(
+            knowledge, budget_s=1e-6, on_timeout=lambda: timeouts.append(1)
+        )
+        patient = KnowledgeRetriever(knowledge, budget_s=30.0)
+        rushed = await hurried.context_for("agt_1", "Acme dialer plan seats")
+        full = await patient.context_for("agt_1", "Acme dialer plan seats")
+    finally:
+        knowledge.close()
+    assert rushed == "" and timeouts == [1]
+    assert "Acme dialer plan" in full
