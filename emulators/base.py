@@ -63,9 +63,10 @@ class ThreadedServer:
 
     name = "emulator"
     ws_protocol = "websockets-sansio"
-    http_protocol = "httptools"
-    ws_max_size = 16 * 1024 * 1024  # uvicorn's default
     """uvicorn's `ws` setting: a protocol name, or "module:Class"."""
+    http_protocol = "httptools"
+    """uvicorn's `http` setting, the same way."""
+    ws_max_size = 16 * 1024 * 1024  # uvicorn's default
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
