@@ -90,14 +90,17 @@ class MediaSink:
 
 class MediaTransport(Protocol):
     """A live call's audio link (the Twilio Media Stream, a browser), media-level: its wire
-    format stays in the transport. Sends are awaited one at a time, in order."""
+    format stays in the transport. The call awaits one send at a time, in order, and
+    `run()` once; a send to a peer that has gone raises."""
 
     async def start(self) -> StreamStart | None:
         """Wait for the stream to open; None if the peer stopped or went first."""
         ...
 
     async def run(self, sink: MediaSink) -> None:
-        """Deliver inbound media to `sink` until the peer stops the stream or goes."""
+        """Deliver inbound media to `sink` until the peer stops the stream or goes; what
+        a sink callback raised is raised here. Malformed messages are the transport's to
+        count and ignore."""
         ...
 
     async def send_audio(self, audio: bytes | bytearray) -> None:
