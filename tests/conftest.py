@@ -43,9 +43,9 @@ async def fail_on_leaked_tasks() -> AsyncIterator[None]:
 def embedding_model() -> None:
     """Loads the MiniLM model once for the session (seconds); every KnowledgeBase, and every
     app's knowledge base, shares it."""
-    from knowledge import chroma as knowledge_chroma
+    from knowledge.embedding import embed
 
-    knowledge_chroma.embed(["warm up"])
+    embed(["warm up"])
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
