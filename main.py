@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import agents, bookings, calls, health, knowledge, twilio, webhooks
+from api import agents, analytics, bookings, calls, health, knowledge, twilio, webhooks
 from api.errors import BodySizeLimit, install_error_handlers
 from config import Settings
 from pipeline.metrics import PipelineMetrics
@@ -34,6 +34,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_REQUEST_BYTES)
     # webhooks first: /v1/calls/export must not be taken for /v1/calls/{call_id}
-    for module in (webhooks, agents, calls, knowledge, bookings, twilio, health):
+    for module in (webhooks, agents, calls, analytics, knowledge, bookings, twilio, health):
         app.include_router(module.router)
     return app

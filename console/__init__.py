@@ -1,0 +1,2 @@
+"""The web console: server-rendered pages at `/console`, their assets, the signed session
+that guards them, and the browser test call."""
