@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from api import agents, analytics, bookings, calls, health, knowledge, twilio, webhooks
 from api.errors import BodySizeLimit, install_error_handlers
 from config import Settings
+from console.routes import install as install_console
 from pipeline.metrics import PipelineMetrics
 from runtime.services import configure_logging, running_services
 
@@ -36,4 +37,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # webhooks first: /v1/calls/export must not be taken for /v1/calls/{call_id}
     for module in (webhooks, agents, calls, analytics, knowledge, bookings, twilio, health):
         app.include_router(module.router)
+    install_console(app)
     return app
