@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Annotated, Any, get_args
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, WebSocket
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from api.admission import INBOUND_HOLD_S
 from api.analytics import GroupBy
 from api.analytics import analytics as analytics_figures
 from api.calls import CallDirection, call_filters
@@ -35,6 +36,7 @@ from api.deps import SessionDep, SettingsDep
 from api.errors import APIError
 from config import Settings
 from console import views
+from console.media import BrowserMediaStream
 from console.session import (
     CSRF_FIELD,
     ConsoleSession,
@@ -61,6 +63,7 @@ from models import (
 from postcall.analysis import OUTCOMES
 from postcall.report import tool_calls
 from schemas import AGENT_DEFAULTS
+from utils import new_id
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -282,6 +285,46 @@ async def talk_page(
     if agent is None:
         return _not_found(request, signed, "agent", agent_id)
     return page(request, signed, "talk.html", agent=agent)
+
+
+@router.websocket("/agents/{agent_id}/talk/ws")
+async def talk_socket(agent_id: str, websocket: WebSocket) -> None:
+    """The browser test call: the console session and the page's own origin are required;
+    the call is stored with direction `web` and runs in the same `CallSession` as a phone
+    call, through `BrowserMediaStream`."""
+    app = websocket.app
+    settings: Settings = app.state.settings
+    origin = websocket.headers.get("origin", "")
+    same_origin = origin.split("://", 1)[-1] == websocket.headers.get("host", "")
+    await websocket.accept()
+    if read_session(websocket, settings) is None or not same_origin:
+        await websocket.close(code=1008, reason="sign in to the console first")
+        return
+    async with app.state.db.sessionmaker() as session:
+        agent = await session.get(Agent, agent_id)
+        if agent is None:
+            await websocket.close(code=1008, reason="no such agent")
+            return
+        call = Call(
+            id=new_id("call"),
+            agent_id=agent.id,
+            direction="web",
+            from_number="browser",
+            to_number=agent.phone_number or "",
+            status="queued",
+            variables=dict(agent.variables),
+        )
+        admission = app.state.admission
+        if not admission.try_admit(call.id, INBOUND_HOLD_S):
+            await websocket.close(code=1013, reason="at capacity: retry later")
+            return
+        session.add(call)
+        await session.commit()
+    await websocket.send_text(json.dumps({"type": "started", "call_id": call.id}))
+    try:
+        await app.state.calls.handle(BrowserMediaStream(websocket, call.id))
+    finally:
+        admission.release(call.id)
 
 
 def _not_found(request: Request, signed: ConsoleSession, kind: str, ident: str) -> Response:
