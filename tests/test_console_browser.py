@@ -122,7 +122,6 @@ async def test_console_in_a_real_browser(tmp_path):
             await page.locator("#transcript li.user").first.wait_for(timeout=20000)
             talk = await _talk_state(page, lambda t: t["clears"] > 0, 30)  # the barge-in
             assert talk["framesSent"] > 100 and talk["framesReceived"] > 10
-            assert talk["marks"] > 0
             transcript = await page.locator("#transcript").inner_text()
             assert "what are your opening hours" in transcript
             await asyncio.sleep(1.0)
