@@ -3,6 +3,8 @@ starts (`runtime.services`), so nothing exists at import time and each test gets
 app and database.
 
 Run: `uvicorn main:create_app --factory` (see run.sh for the production flags).
+
+Must not import: sqlalchemy, twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """SQLAlchemy 2 ORM tables. The schema itself is owned by the Alembic migrations in
 `migrations/versions`; `tests/test_db.py` checks the two agree.
 
-Must not import FastAPI, schemas or the pipeline.
+Must not import: fastapi, starlette, uvicorn, schemas, pipeline.
+Of ours, imports only: utils.
 """
 
 from __future__ import annotations

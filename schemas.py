@@ -1,12 +1,12 @@
 """Pydantic request and response models for the public API. Field names follow the commercial
 voice platforms so configurations port over.
 
-Must not import SQLAlchemy models' sessions, FastAPI routes or the pipeline.
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, pipeline.
+Of ours, imports only: utils.
 """
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 from zoneinfo import available_timezones
@@ -24,7 +24,6 @@ from pydantic import (
 from utils import normalize_e164
 
 E164 = Annotated[str, AfterValidator(normalize_e164)]
-ShortText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)]
 Phrase = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 VariableValue = Annotated[str, StringConstraints(max_length=2000)] | int | float | bool
 Variables = Annotated[
@@ -296,20 +295,6 @@ class Page(BaseModel, Generic[T]):
     total: int
     limit: int
     offset: int
-
-
-class ErrorBody(BaseModel):
-    code: str
-    message: str
-    field: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-def is_valid_tool_name(name: str) -> bool:
-    return re.match(TOOL_NAME, name) is not None
 
 
 # --- knowledge base and bookings --------------------------------------------------------

@@ -1,4 +1,7 @@
-"""`/v1/calls`: place an outbound call, list and read calls with their transcripts."""
+"""`/v1/calls`: place an outbound call, list and read calls with their transcripts.
+
+Must not import: twilio, deepgram, ollama, chromadb.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 the app's services, the API key check, pagination and one `get_or_404`.
 
 Routers take what they need from here and never read `app.state` themselves.
+
+Must not import: twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from config import Settings
 from console.session import CSRF_HEADER, SAFE_METHODS, csrf_ok, read_session
 from models import Agent
 from pipeline.metrics import PipelineMetrics
-from store.calls import SqlCallStore
 from store.db import Database
 
 _bearer = HTTPBearer(auto_error=False)
@@ -68,14 +69,6 @@ def get_metrics(request: Request) -> PipelineMetrics:
 
 
 MetricsDep = Annotated[PipelineMetrics, Depends(get_metrics)]
-
-
-def get_call_store(request: Request) -> SqlCallStore:
-    store: SqlCallStore = request.app.state.call_store
-    return store
-
-
-CallStoreDep = Annotated[SqlCallStore, Depends(get_call_store)]
 
 
 def require_api_key(

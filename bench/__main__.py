@@ -6,6 +6,8 @@
 The emulators and the service each run in their own subprocess; this process is the load
 generator (N TwilioCaller slots over real sockets). Prints a table and writes the whole
 report as JSON to bench/results/<UTC timestamp>.json. See BENCHMARKS.md for definitions.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations
@@ -86,7 +88,9 @@ def providers_from(args: argparse.Namespace) -> Providers:
     )
 
 
-def measure(stack: BenchStack, config: RunConfig, providers: Providers, args) -> dict[str, Any]:
+def measure(
+    stack: BenchStack, config: RunConfig, providers: Providers, args: argparse.Namespace
+) -> dict[str, Any]:
     """One run, under py-spy if asked."""
     spy = None
     if args.py_spy:

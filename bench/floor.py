@@ -17,6 +17,8 @@ and then its audio work, so `direct` is a floor under its CPU per call
 (docs/benchmark-history.md, seventh and eighth rounds).
 
     .venv/bin/python -m bench.floor --calls 100 --seconds 15
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations

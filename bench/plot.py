@@ -10,6 +10,8 @@ the steps past it shaded. Missing figures (older reports) leave gaps.
 
 Draws with matplotlib's Agg backend (no display). Imports nothing of ours but the bench's
 report reader; never the service, FastAPI or a vendor SDK.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations

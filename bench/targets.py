@@ -5,6 +5,8 @@ latencies (STT final + LLM first token + first-chunk generation + TTS first byte
 The pipeline also waits for the caller to stop talking before the turn ends (about
 TURN_DETECTION_MS of silence), a turn-taking policy rather than a provider latency, so the
 second budget adds it.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def _net_overhead(report: dict[str, Any]) -> float | None:
     tts = report_field(report, "emulator_floor.tts_first_byte_extra_ms.p50")
     if total is None or llm is None or tts is None:
         return None
-    return round(total - llm - tts, 1)
+    net: float = total - llm - tts
+    return round(net, 1)
 
 
 def passes(result: dict[str, Any]) -> bool:
@@ -70,7 +73,9 @@ def passes(result: dict[str, Any]) -> bool:
     return all(t["met"] for t in result["targets"] if t["target"] in SWEEP_TARGETS)
 
 
-def evaluate(report: dict[str, Any], providers: Providers, script: CallScript) -> list[dict]:
+def evaluate(
+    report: dict[str, Any], providers: Providers, script: CallScript
+) -> list[dict[str, Any]]:
     budget = max(providers.budget_ms(r) for r in script.replies)
     calls = report["calls"]
     targets = [

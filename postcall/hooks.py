@@ -2,7 +2,8 @@
 commits, compose several `CallHook`s into one, and own background tasks so that shutdown
 cancels them (no task outlives the app).
 
-Must not import FastAPI, routes, webhooks, analysis or the pipeline.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb, pipeline, postcall.outbox, postcall.dispatcher, postcall.analysis.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ stops: database, Twilio gateway, providers, knowledge base, post-call work and t
 manager. Nothing here exists at import time, so each test gets its own app and database.
 
 Every part is published on `app.state` under one name, for `api.deps` to hand to routes.
+
+Must not import: main.
 """
 
 from __future__ import annotations
