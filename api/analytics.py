@@ -9,7 +9,7 @@ so the buckets add up to the totals. Each figure is an aggregate query in the da
 grouped by bucket; the percentiles come from a latency histogram (10 ms bins) that the
 totals merge, so no rows are pulled into Python.
 
-Must not import the pipeline or vendor SDKs.
+Must not import: twilio, deepgram, ollama, chromadb, pipeline, voice_pipeline, console.
 """
 
 from __future__ import annotations

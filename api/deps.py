@@ -19,9 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from adapters.telephony import TwilioGateway
 from api.admission import CallAdmission
+from api.console_session import CSRF_HEADER, SAFE_METHODS, csrf_ok, read_session
 from api.errors import APIError, not_found
 from config import Settings
-from console.session import CSRF_HEADER, SAFE_METHODS, csrf_ok, read_session
 from models import Agent
 from pipeline.metrics import PipelineMetrics
 from store.db import Database
@@ -30,8 +30,16 @@ _bearer = HTTPBearer(auto_error=False)
 Row = TypeVar("Row")
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+def get_database(request: Request) -> Database:
     database: Database = request.app.state.db
+    return database
+
+
+DatabaseDep = Annotated[Database, Depends(get_database)]
+"""For work that outlives one request's session (a live feed opens one per poll)."""
+
+
+async def get_session(database: DatabaseDep) -> AsyncIterator[AsyncSession]:
     async with database.sessionmaker() as session:
         yield session
 

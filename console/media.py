@@ -11,8 +11,11 @@ Wire format (ours; the page's `talk.js` speaks it):
   `{"type": "mark", "name"}` (echo it once played) and `{"type": "clear"}` (drop the queued
   audio now and echo the marks behind it), as Twilio's Media Streams do.
 
-Oversize or malformed messages are ignored. Must not import voice_pipeline, store/,
-SQLAlchemy or a vendor SDK.
+Oversize or malformed messages are ignored.
+
+Must not import: twilio, deepgram, ollama, chromadb, sqlalchemy, adapters, voice_pipeline,
+runtime, store.
+Of ours, imports only: pipeline.contracts.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@ time axis, heard and unheard parts, barge-ins, tool calls), per-turn latency bar
 and the analytics charts. Plain numbers in SVG user units; the templates only place them,
 so the pages need no charting library and no inline style (the CSP forbids it).
 
-Must not import FastAPI, SQLAlchemy sessions or the pipeline.
+Must not import: twilio, deepgram, ollama, chromadb, fastapi, starlette, sqlalchemy,
+adapters, pipeline, voice_pipeline, runtime.
+Of ours, imports only: nothing.
 """
 
 from __future__ import annotations
