@@ -21,19 +21,24 @@ from utils import mulaw_decode
 
 pytestmark = [needs_chromium, pytest.mark.slow, pytest.mark.timeout(240)]
 
+FIRST_SENTENCE = "Sure, happy to help."
 LONG_ANSWER = (
-    "We are open from nine in the morning until six in the evening, Monday to Friday, "
-    "and on Saturdays from ten until two, and you can also reach us online at any time."
+    f"{FIRST_SENTENCE} We are open from nine in the morning until six in the evening, Monday "
+    "to Friday, and from ten until two on Saturdays. You can also reach us online at any "
+    "time, and we answer within a day."
 )
+"""Two chunks: the short first sentence (1.3 s of the emulator's voice), then the rest."""
+TTS_MS_PER_CHAR = 65.0  # the Deepgram emulator's default voice
 
 
 def _fake_microphone(path: Path) -> Path:
-    """Speech at 1.5 s (a question), then, while the long answer plays, speech again (the
-    barge-in), as a 16-bit 8 kHz wav Chromium plays once as its microphone."""
+    """A question at 5 s (after the greeting has played), then, while the long answer plays
+    (about 3 to 5 s into it, past its first sentence), speech again: the barge-in. A 16-bit
+    8 kHz wav Chromium plays once as its microphone."""
     audio = (
-        silence(1.5)
+        silence(5.0)
         + synth_speech("what are your opening hours")
-        + silence(4.0)
+        + silence(7.0)
         + synth_speech("wait, stop, I have another question")
         + silence(8.0)
     )
@@ -120,11 +125,13 @@ async def test_console_in_a_real_browser(tmp_path):
             await _talk_state(page, lambda t: t.get("callId") is not None, 10)
             await _talk_state(page, lambda t: t["audibleMs"] > 1000, 20)  # the greeting played
             await page.locator("#transcript li.user").first.wait_for(timeout=20000)
-            talk = await _talk_state(page, lambda t: t["clears"] > 0, 30)  # the barge-in
+            talk = await _talk_state(page, lambda t: len(t["clearedAtMs"]) > 0, 30)  # barge-in
             assert talk["framesSent"] > 100 and talk["framesReceived"] > 10
+            # marks echoed as their audio played: the greeting's, the first sentence's
+            assert talk["marks"] > 0, talk
+            await page.get_by_text("Of course, go ahead.").wait_for(timeout=20000)
             transcript = await page.locator("#transcript").inner_text()
             assert "what are your opening hours" in transcript
-            await asyncio.sleep(1.0)
             await _screenshot(page, tmp_path, "talk")
             await page.click("#call-hangup")
             call_id = talk["callId"]
@@ -132,8 +139,16 @@ async def test_console_in_a_real_browser(tmp_path):
             assert detail["direction"] == "web"
             answers = [t for t in detail["turns"] if t["role"] == "assistant"]
             cut = [t for t in answers if t["interrupted"]]
-            assert cut, detail["turns"]
-            assert len(cut[0]["text"]) < len(LONG_ANSWER)  # keeps only what was heard
+            assert [t["text"] for t in answers][0] == "Hi, this is Acme. How can I help?"
+            assert len(cut) == 1, detail["turns"]
+            heard = cut[0]["text"]
+            # exactly what the page played, judged by its marks: the first sentence (its
+            # mark came back) and the played share of the next, to the page's own count
+            assert heard.startswith(FIRST_SENTENCE) and len(heard) > len(FIRST_SENTENCE) + 10
+            assert LONG_ANSWER.startswith(heard) and len(heard) < len(LONG_ANSWER)
+            greeting_ms, answer_ms = talk["talkspurtsMs"][0], talk["clearedAtMs"][0]
+            spoken = (answer_ms - greeting_ms) / TTS_MS_PER_CHAR
+            assert abs(len(heard) - spoken) < 15, (heard, spoken, talk)
 
             # the call in the list, its timeline and latency bars
             await page.goto(base + "/console/calls")

@@ -14,8 +14,13 @@ const playedOut = document.getElementById("played-ms");
 const transcript = document.getElementById("transcript");
 const SILENT_FRAME = new Uint8Array(160).fill(0xff);
 
-// what the page did, for people and for the browser tests
-const talk = { callId: null, audibleMs: 0, framesSent: 0, framesReceived: 0, clears: 0, marks: 0, ended: false };
+// what the page did, for people and for the browser tests: marks echoed as their audio
+// played (`marks`) or because a clear dropped it (`marksCleared`), the agent audio played
+// per talkspurt and in all at each clear
+const talk = {
+  callId: null, audibleMs: 0, framesSent: 0, framesReceived: 0, clears: 0, marks: 0,
+  marksCleared: 0, talkspurtsMs: [], clearedAtMs: [], ended: false,
+};
 window.__talk = talk;
 
 let socket = null, context = null, stream = null, muted = false, poller = null;
@@ -77,13 +82,17 @@ async function start() {
   playback.port.onmessage = (event) => {
     const message = event.data;
     if (message.type === "mark") {
-      talk.marks += 1;
+      if (message.cleared) talk.marksCleared += 1;
+      else talk.marks += 1;
       if (socket && socket.readyState === WebSocket.OPEN) {
         socket.send(JSON.stringify({ type: "mark", name: message.name }));
       }
+    } else if (message.type === "cleared") {
+      talk.clearedAtMs.push(message.audibleMs);
     } else if (message.type === "played") {
       talk.audibleMs = message.audibleMs;
       talk.queuedMs = message.queuedMs;
+      talk.talkspurtsMs = message.talkspurtsMs;
       playedOut.textContent = `${Math.round(message.audibleMs)} ms`;
     }
   };

@@ -5,10 +5,14 @@
 //   8 kHz -> G.711 mu-law -> 160-byte (20 ms) frames posted to the page.
 // playback: mu-law 8 kHz from the service -> linear PCM -> resampled to the context's rate
 //   and queued; marks sit in the queue at the sample they follow and are posted back once
-//   played; "clear" drops the queue at once and posts every mark behind it.
+//   played; "clear" drops the queue at once and posts every mark behind it (flagged
+//   `cleared`: its audio was not heard). This is what Twilio does with a call's marks, and
+//   what the service judges the heard part of an interrupted answer by. It also counts
+//   what it played per talkspurt (agent audio without a gap over TALKSPURT_GAP_S).
 
 const PIPELINE_RATE = 8000;
 const FRAME_BYTES = 160;
+const TALKSPURT_GAP_S = 0.1;
 
 function muLawEncode(sample) {
   const BIAS = 0x84, CLIP = 32635;
@@ -91,6 +95,8 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     this.played = 0;        // samples played in total so far
     this.marks = [];        // {name, at}: post when played >= at
     this.audible = 0;       // samples of agent audio played (for the tests and the page)
+    this.spurts = [];       // samples played per talkspurt
+    this.idle = Infinity;   // samples since agent audio last played
     this.lastReport = 0;
     this.previous = 0;      // last decoded sample, for interpolation across messages
     this.port.onmessage = (event) => this.receive(event.data);
@@ -115,9 +121,10 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     } else if (message.type === "clear") {
       this.queue = []; this.offset = 0;
       this.queued = this.played;
-      for (const mark of this.marks) this.port.postMessage({ type: "mark", name: mark.name });
+      for (const mark of this.marks) this.port.postMessage({ type: "mark", name: mark.name, cleared: true });
       this.marks = [];
-      this.port.postMessage({ type: "cleared", audibleMs: (this.audible / sampleRate) * 1000 });
+      this.idle = Infinity; // what plays next is a new talkspurt
+      this.port.postMessage({ type: "cleared", audibleMs: this.ms(this.audible) });
     }
   }
 
@@ -133,15 +140,31 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     }
     this.played += written;
     this.audible += written;
+    if (written > 0) {
+      if (this.idle > TALKSPURT_GAP_S * sampleRate) this.spurts.push(0);
+      this.spurts[this.spurts.length - 1] += written;
+      this.idle = output.length - written;
+    } else {
+      this.idle += output.length;
+    }
     for (let c = 1; c < outputs[0].length; c++) outputs[0][c].set(output);
     while (this.marks.length && this.marks[0].at <= this.played) {
-      this.port.postMessage({ type: "mark", name: this.marks.shift().name });
+      this.port.postMessage({ type: "mark", name: this.marks.shift().name, cleared: false });
     }
     if (currentTime - this.lastReport > 0.1) {
       this.lastReport = currentTime;
-      this.port.postMessage({ type: "played", audibleMs: (this.audible / sampleRate) * 1000, queuedMs: ((this.queued - this.played) / sampleRate) * 1000 });
+      this.port.postMessage({
+        type: "played",
+        audibleMs: this.ms(this.audible),
+        queuedMs: this.ms(this.queued - this.played),
+        talkspurtsMs: this.spurts.map((samples) => this.ms(samples)),
+      });
     }
     return true;
+  }
+
+  ms(samples) {
+    return (samples / sampleRate) * 1000;
   }
 }
 
