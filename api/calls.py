@@ -22,12 +22,14 @@ from api.deps import (
     PageDep,
     SessionDep,
     SettingsDep,
+    StreamTokensDep,
     TwilioDep,
     page_of,
     paginate,
     require_api_key,
 )
 from api.errors import APIError, not_found
+from api.stream_binding import TOKEN_PARAMETER, StreamTokens
 from config import Settings
 from models import Agent, Call
 from schemas import CallCreate, CallDetail, CallRead, Page
@@ -56,6 +58,7 @@ async def create_call(
     twilio: TwilioDep,
     admission: AdmissionDep,
     metrics: MetricsDep,
+    tokens: StreamTokensDep,
 ) -> Call:
     agent = await session.get(Agent, body.agent_id)
     if agent is None:
@@ -75,7 +78,7 @@ async def create_call(
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
     try:
-        return await _dial(session, settings, twilio, agent, body, call_id, from_number)
+        return await _dial(session, settings, twilio, tokens, agent, body, call_id, from_number)
     except BaseException:
         admission.release(call_id)  # not dialled (Twilio refused, or the request failed)
         raise
@@ -85,6 +88,7 @@ async def _dial(
     session: AsyncSession,
     settings: Settings,
     twilio: TwilioGateway,
+    tokens: StreamTokens,
     agent: Agent,
     body: CallCreate,
     call_id: str,
@@ -101,7 +105,8 @@ async def _dial(
     )
     session.add(call)
     await session.commit()
-    twiml = stream_twiml(settings.media_stream_url, {"call_id": call.id})
+    token = tokens.mint(call.id, outbound=True)
+    twiml = stream_twiml(settings.media_stream_url, {"call_id": call.id, TOKEN_PARAMETER: token})
     try:
         created = await twilio.create_call(
             to=body.to,

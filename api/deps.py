@@ -21,6 +21,7 @@ from adapters.telephony import TwilioGateway
 from api.admission import CallAdmission
 from api.console_session import CSRF_HEADER, SAFE_METHODS, csrf_ok, read_session
 from api.errors import APIError, not_found
+from api.stream_binding import StreamTokens
 from config import Settings
 from models import Agent
 from pipeline.metrics import PipelineMetrics
@@ -69,6 +70,14 @@ def get_admission(request: Request) -> CallAdmission:
 
 
 AdmissionDep = Annotated[CallAdmission, Depends(get_admission)]
+
+
+def get_stream_tokens(request: Request) -> StreamTokens:
+    tokens: StreamTokens = request.app.state.stream_tokens
+    return tokens
+
+
+StreamTokensDep = Annotated[StreamTokens, Depends(get_stream_tokens)]
 
 
 def get_metrics(request: Request) -> PipelineMetrics:

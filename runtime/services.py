@@ -15,17 +15,18 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
-import httpx
 from fastapi import FastAPI
 
 from adapters.deepgram_stt import DeepgramSTT, StreamPolicy
 from adapters.deepgram_tts import DeepgramStreamingTTS, build_tts
-from adapters.netguard import PublicOnlyTransport
+from adapters.netguard import guarded_client
 from adapters.ollama import OllamaLLM
 from adapters.telephony import TwilioGateway
 from api.admission import CallAdmission
+from api.stream_binding import StreamGuard, StreamTokens
 from config import Settings
-from knowledge.service import KnowledgeRetriever, start_knowledge
+from knowledge.parsing import DocumentParser
+from knowledge.service import DocumentIngest, KnowledgeRetriever, parse_limits, start_knowledge
 from pipeline.contracts import PipelineDeps
 from pipeline.metrics import PipelineMetrics
 from pipeline.vad import SileroModel, shared_batcher
@@ -69,10 +70,15 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
     )
     await asyncio.to_thread(SileroModel.load)  # load once, off the loop, before calls
     app.state.knowledge = knowledge = await start_knowledge(settings)  # same for MiniLM
-    tools_http = httpx.AsyncClient(
-        transport=PublicOnlyTransport(allow_private=settings.ALLOW_PRIVATE_URLS)
+    ingest = DocumentIngest(
+        database.sessionmaker, knowledge, DocumentParser(parse_limits(settings))
     )
+    await ingest.recover()
+    app.state.ingest = ingest
+    tools_http = guarded_client(allow_private=settings.ALLOW_PRIVATE_URLS)
     app.state.db, app.state.twilio, app.state.llm = database, twilio, llm
+    tokens = StreamTokens(settings.STREAM_TOKEN_SECRET, settings.STREAM_TOKEN_TTL_S)
+    app.state.stream_tokens = tokens
     app.state.call_store = store
     app.state.calls = calls = CallManager(
         PipelineDeps(
@@ -92,8 +98,13 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
             end_of_speech_ms=settings.DEEPGRAM_ENDPOINTING_MS,
             finalize_after_ms=settings.EARLY_FINALIZE_MS,
             early_answers=settings.EARLY_ANSWERS,
-            retriever=KnowledgeRetriever(knowledge),
+            retriever=KnowledgeRetriever(
+                knowledge,
+                budget_s=settings.KNOWLEDGE_RETRIEVAL_BUDGET_MS / 1000,
+                on_timeout=metrics.retrieval_timeouts.inc,
+            ),
             tools=AgentTools(database.sessionmaker, twilio, settings, tools_http),
+            stream_guard=StreamGuard(database.sessionmaker, tokens),
         )
     )
     app.state.admission = admission = CallAdmission(
@@ -119,6 +130,7 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
             await lag_watch
         await post_call.aclose()
         await tools_http.aclose()
+        await ingest.aclose()
         await asyncio.to_thread(knowledge.close)
         await twilio.aclose()
         await llm.aclose()
