@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     MAX_CONCURRENT_CALLS: int = Field(default=100, ge=0)
     OPERATOR_ENDPOINTS: Literal["open", "api_key"] = "open"
 
+    # --- console ------------------------------------------------------------------------
+    CONSOLE_SECRET: str = "dev-console-secret"
+    CONSOLE_SESSION_HOURS: float = Field(default=12.0, gt=0, le=24 * 30)
+
     # --- Twilio --------------------------------------------------------------------------
     TWILIO_ACCOUNT_SID: str = ""
     TWILIO_AUTH_TOKEN: str = ""
@@ -109,6 +113,8 @@ class Settings(BaseSettings):
             return self
         if self.WEBHOOK_SIGNING_SECRET.lower() in PLACEHOLDER_SECRETS | {"dev-webhook-secret"}:
             raise ValueError("WEBHOOK_SIGNING_SECRET must be set to a real secret in production")
+        if self.CONSOLE_SECRET.lower() in PLACEHOLDER_SECRETS | {"dev-console-secret"}:
+            raise ValueError("CONSOLE_SECRET must be set to a real secret in production")
         if not self.API_KEYS or "dev-key" in self.API_KEYS:
             raise ValueError("API_KEYS must be set (and not 'dev-key') in production")
         if not self.TWILIO_AUTH_TOKEN:

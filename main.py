@@ -14,9 +14,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import agents, bookings, calls, health, knowledge, operator, twilio, webhooks
+from api import (
+    agents,
+    analytics,
+    bookings,
+    calls,
+    health,
+    knowledge,
+    operator,
+    twilio,
+    webhooks,
+)
 from api.errors import BodySizeLimit, install_error_handlers
 from config import Settings
+from console.routes import install as install_console
 from pipeline.metrics import PipelineMetrics
 from runtime.services import configure_logging, running_services
 
@@ -39,8 +50,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     uploads = {knowledge.UPLOAD_PATH: knowledge.upload_body_limit(settings.MAX_DOCUMENT_BYTES)}
     app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_REQUEST_BYTES, routes=uploads)
     # webhooks first: /v1/calls/export must not be taken for /v1/calls/{call_id}
-    for module in (webhooks, agents, calls, knowledge, bookings, twilio, health):
+    for module in (webhooks, agents, calls, analytics, knowledge, bookings, twilio, health):
         app.include_router(module.router)
     app.include_router(operator.router_for(settings))
     operator.warn_if_open(settings)
+    install_console(app)
     return app

@@ -102,6 +102,19 @@ class Call(Base):
         Index("ix_calls_status", "status"),
         Index("ix_calls_from_number", "from_number"),
         Index("ix_calls_to_number", "to_number"),
+        Index("ix_calls_created", "created_at", "id"),
+        Index("ix_calls_status_created", "status", "created_at"),
+        Index("ix_calls_direction_created", "direction", "created_at"),
+        Index("ix_calls_outcome_created", "outcome", "created_at"),
+        Index(
+            "ix_calls_analytics",
+            "created_at",
+            "agent_id",
+            "direction",
+            "outcome",
+            "lead_score",
+            "started_at",
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("call"))
@@ -128,6 +141,9 @@ class Call(Base):
     analysis_status: Mapped[str | None] = mapped_column(String(20), nullable=True)
     analysis_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     analysis_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # copies of analysis["outcome"] and ["lead_score"], indexed for the analytics
+    outcome: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    lead_score: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     agent: Mapped[Agent | None] = relationship(lazy="raise")
     turns: Mapped[list[TranscriptTurn]] = relationship(
@@ -137,7 +153,10 @@ class Call(Base):
 
 class TranscriptTurn(Base):
     __tablename__ = "transcript_turns"
-    __table_args__ = (UniqueConstraint("call_id", "seq"),)
+    __table_args__ = (
+        UniqueConstraint("call_id", "seq"),
+        Index("ix_turns_call_latency", "call_id", "role", "first_media_ms"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     call_id: Mapped[str] = mapped_column(ForeignKey("calls.id", ondelete="CASCADE"), index=True)
@@ -163,6 +182,7 @@ class TranscriptTurn(Base):
 
 class CallEvent(Base):
     __tablename__ = "call_events"
+    __table_args__ = (Index("ix_call_events_call_type", "call_id", "type"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     call_id: Mapped[str] = mapped_column(ForeignKey("calls.id", ondelete="CASCADE"), index=True)
@@ -194,7 +214,10 @@ class Document(Base):
 
 class Booking(Base):
     __tablename__ = "bookings"
-    __table_args__ = (Index("ix_bookings_agent_start", "agent_id", "start_at"),)
+    __table_args__ = (
+        Index("ix_bookings_agent_start", "agent_id", "start_at"),
+        Index("ix_bookings_call", "call_id", "status"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("bkg"))
     agent_id: Mapped[str] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"))
@@ -238,7 +261,11 @@ class WebhookEvent(Base):
     """Transactional outbox: written in the same transaction as the state change."""
 
     __tablename__ = "webhook_events"
-    __table_args__ = (Index("ix_webhook_events_due", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_webhook_events_due", "status", "next_attempt_at"),
+        Index("ix_webhook_events_call_status", "call_id", "status"),
+        Index("ix_webhook_events_created", "created_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("evt"))
     call_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)

@@ -498,7 +498,11 @@ class CallSession:
         if self._producer is not None:
             self._producer.cancel()
         self._close_speech(speech, heard, interrupted=True)
-        self.recorder.event("interrupted", reason=why)
+        # what was synthesised but not heard, for the console's timeline (the turn keeps
+        # only the heard part, as the conversation history does)
+        full = speech.full_text()
+        unheard = full[len(heard) :].strip() if full.startswith(heard) else full
+        self.recorder.event("interrupted", reason=why, unheard=unheard[:2000])
 
     def _close_speech(self, speech: Speech, text: str, *, interrupted: bool) -> None:
         if self.playout.speech is not speech:

@@ -8,11 +8,13 @@ Of ours, imports only: nothing.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import httpx
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.request_validator import RequestValidator
@@ -113,6 +115,9 @@ class CreatedCall:
     status: str
 
 
+_RECORDING_SID = re.compile(r"RE[0-9a-fA-F]{32}")
+
+
 class TwilioGateway:
     """Twilio REST through the SDK's async client; the base URL is a setting so tests and
     the no-accounts demo reach the local emulator."""
@@ -170,6 +175,25 @@ class TwilioGateway:
         await self._http.close()
 
     # --- the pipeline's CallControl -------------------------------------------------------
+
+    async def fetch_recording(self, recording_sid: str) -> bytes:
+        """A recording's MP3 from the account's own Recordings resource, with the account's
+        credentials (the stored `RecordingUrl` is never fetched: it could point anywhere)."""
+        if not _RECORDING_SID.fullmatch(recording_sid):
+            raise TelephonyError("not a Twilio recording SID")
+        account = str(self.client.username)
+        url = f"{self.client.api.base_url}/2010-04-01/Accounts/{account}/Recordings/"
+        auth = (account, str(self.client.password))
+        try:
+            async with httpx.AsyncClient(timeout=30, auth=auth) as http:
+                response = await http.get(url + recording_sid + ".mp3")
+        except httpx.HTTPError as exc:
+            raise TelephonyError(f"Twilio unreachable: {exc}") from None
+        if response.status_code != 200:
+            raise TelephonyError(
+                f"Twilio answered {response.status_code}", status=response.status_code
+            )
+        return response.content
 
     async def transfer(self, call_sid: str, *, number: str, caller_id: str) -> None:
         await self.update_call_twiml(call_sid, transfer_twiml(number, caller_id))

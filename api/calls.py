@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -136,27 +136,47 @@ async def _dial(
     return call
 
 
+CallDirection = Literal["inbound", "outbound", "web"]
+
+
+def call_filters(
+    agent_id: str | None = None,
+    status: str | None = None,
+    direction: str | None = None,
+    outcome: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+) -> list[ColumnElement[bool]]:
+    """The WHERE clauses of a calls list (the API's and the console's)."""
+    filters: list[ColumnElement[bool]] = []
+    if agent_id:
+        filters.append(Call.agent_id == agent_id)
+    if status:
+        filters.append(Call.status == status)
+    if direction:
+        filters.append(Call.direction == direction)
+    if outcome:
+        filters.append(Call.outcome == outcome)
+    if created_after:
+        filters.append(Call.created_at >= created_after)
+    if created_before:
+        filters.append(Call.created_at < created_before)
+    return filters
+
+
 @router.get("/calls", response_model=Page[CallRead], response_model_by_alias=True)
 async def list_calls(
     session: SessionDep,
     page: PageDep,
     agent_id: Annotated[str | None, Query(max_length=40)] = None,
     status: Annotated[str | None, Query(max_length=20)] = None,
-    direction: Literal["inbound", "outbound"] | None = None,
+    direction: CallDirection | None = None,
+    outcome: Annotated[str | None, Query(max_length=40, description="the analysis outcome")] = None,
     created_after: datetime | None = None,
     created_before: datetime | None = None,
 ) -> dict[str, Any]:
-    query = select(Call).order_by(Call.created_at.desc(), Call.id)
-    if agent_id:
-        query = query.where(Call.agent_id == agent_id)
-    if status:
-        query = query.where(Call.status == status)
-    if direction:
-        query = query.where(Call.direction == direction)
-    if created_after:
-        query = query.where(Call.created_at >= created_after)
-    if created_before:
-        query = query.where(Call.created_at < created_before)
+    filters = call_filters(agent_id, status, direction, outcome, created_after, created_before)
+    query = select(Call).where(*filters).order_by(Call.created_at.desc(), Call.id)
     items, total = await paginate(session, query, page)
     return page_of(items, total, page)
 

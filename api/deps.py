@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from adapters.telephony import TwilioGateway
 from api.admission import CallAdmission
+from api.console_session import CSRF_HEADER, SAFE_METHODS, csrf_ok, read_session
 from api.errors import APIError, not_found
 from api.stream_binding import StreamTokens
 from config import Settings
@@ -30,8 +31,16 @@ _bearer = HTTPBearer(auto_error=False)
 Row = TypeVar("Row")
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+def get_database(request: Request) -> Database:
     database: Database = request.app.state.db
+    return database
+
+
+DatabaseDep = Annotated[Database, Depends(get_database)]
+"""For work that outlives one request's session (a live feed opens one per poll)."""
+
+
+async def get_session(database: DatabaseDep) -> AsyncIterator[AsyncSession]:
     async with database.sessionmaker() as session:
         yield session
 
@@ -80,14 +89,30 @@ MetricsDep = Annotated[PipelineMetrics, Depends(get_metrics)]
 
 
 def require_api_key(
+    request: Request,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
+    """A Bearer API key, or the console's session cookie (signed in with one) carrying its
+    CSRF token on unsafe methods."""
+    if credentials is None and _console_session(request, settings):
+        return
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise APIError(401, "unauthorized", "missing Bearer API key in the Authorization header")
     supplied = credentials.credentials.encode()
     if not any(hmac.compare_digest(supplied, key.encode()) for key in settings.API_KEYS):
         raise APIError(401, "unauthorized", "invalid API key")
+
+
+def _console_session(request: Request, settings: Settings) -> bool:
+    session = read_session(request, settings)
+    if session is None:
+        return False
+    if request.method not in SAFE_METHODS and not csrf_ok(
+        session.csrf, request.headers.get(CSRF_HEADER)
+    ):
+        raise APIError(403, "csrf_failed", f"missing or invalid {CSRF_HEADER} header")
+    return True
 
 
 async def get_or_404(session: AsyncSession, model: type[Row], ident: str, kind: str) -> Row:

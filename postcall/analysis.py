@@ -307,8 +307,20 @@ class CallAnalyser:
             if analysis is not None:
                 call.analysis_attempts += 1
             call.analysis = analysis
+            call.outcome, call.lead_score = _indexed_figures(analysis)
             call.analysis_status = "completed" if analysis is not None else "failed"
             call.analysis_error = error[:1000] if error else None
             if not await self.outbox.release_report(session, call):
                 await self.outbox.analyzed(session, call)
         log.info("call %s: analysis %s", job.call_id, call.analysis_status)
+
+
+def _indexed_figures(analysis: dict[str, Any] | None) -> tuple[str | None, int | None]:
+    """The outcome and lead score, copied to their indexed columns for the analytics."""
+    if not analysis:
+        return None, None
+    outcome, score = analysis.get("outcome"), analysis.get("lead_score")
+    return (
+        str(outcome)[:40] if outcome is not None else None,
+        int(score) if isinstance(score, int | float) and not isinstance(score, bool) else None,
+    )

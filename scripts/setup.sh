@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Creates ./.venv and installs the pinned dependencies. Idempotent and fast on re-runs: pip
 # runs again only when a requirements file changed. With --test it also installs the Debian
-# packages the tests use for real audio (espeak-ng, sox).
+# packages the tests use: espeak-ng and sox for real audio, chromium for the console's
+# browser tests (Playwright drives the system browser; it never downloads one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
-if [ "$want_test" = 1 ] && ! { command -v espeak-ng && command -v sox; } >/dev/null 2>&1; then
+if [ "$want_test" = 1 ] && ! { command -v espeak-ng && command -v sox && command -v chromium; } >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng sox >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng sox chromium >/dev/null
 fi
 
 PY=${PYTHON:-python3.11}

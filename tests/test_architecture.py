@@ -120,6 +120,22 @@ RULES: dict[str, Rule] = {
     "postcall": Rule(forbidden=(*SERVICE, "chromadb")),
     # the web layer: vendor SDKs only through adapters
     "api": Rule(forbidden=VENDOR_SDKS),
+    # the console: pages over the API's dependencies and the stored rows, and a second
+    # media transport; no vendor (not even through adapters), no engine part but its
+    # contracts, and imports point one way: console -> api
+    "console": Rule(
+        forbidden=(*VENDOR_SDKS, "adapters", "voice_pipeline", "runtime"),
+        only_ours=(
+            "api",
+            "config",
+            "console",
+            "models",
+            "schemas",
+            "utils",
+            "postcall",
+            "pipeline.contracts",
+        ),
+    ),
     # composition
     "runtime": Rule(),
     "main": Rule(forbidden=("sqlalchemy", *VENDOR_SDKS)),

@@ -50,11 +50,20 @@ def test_api_keys_from_comma_separated_env(monkeypatch):
 def test_production_refuses_placeholder_secrets():
     with pytest.raises(ValidationError, match="WEBHOOK_SIGNING_SECRET"):
         Settings(_env_file=None, ENVIRONMENT="production", API_KEYS=["k1"], TWILIO_AUTH_TOKEN="t")
+    with pytest.raises(ValidationError, match="CONSOLE_SECRET"):
+        Settings(
+            _env_file=None,
+            ENVIRONMENT="production",
+            API_KEYS=["k1"],
+            TWILIO_AUTH_TOKEN="t",
+            WEBHOOK_SIGNING_SECRET="a-long-random-secret",
+        )
     ok = Settings(
         _env_file=None,
         ENVIRONMENT="production",
         API_KEYS=["k1"],
         TWILIO_AUTH_TOKEN="t",
         WEBHOOK_SIGNING_SECRET="a-long-random-secret",
+        CONSOLE_SECRET="another-long-random-secret",
     )
     assert ok.ENVIRONMENT == "production"

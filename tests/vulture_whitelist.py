@@ -43,6 +43,23 @@ lead_score_reasons
 success
 success_reason
 
+# pydantic response fields of `GET /v1/analytics` (api/analytics.py `Figures`), serialized
+# by name; set by `_Tally.finish()` and read by CRMs and the console's charts.
+connect_rate
+meetings_booked
+average_lead_score
+voice_to_voice_p50_ms
+voice_to_voice_p95_ms
+barge_ins_per_call
+webhook_failures
+
+# Attributes the console's Jinja2 templates read by name (console/views.py): the call
+# timeline's axis ticks and each latency bar's total (call_detail.html), each chart's top
+# value (analytics.html).
+ticks
+total_ms
+max_label
+
 # Library protocols: Chroma's EmbeddingFunction, onnxruntime's SessionOptions, uvicorn's
 # Server, the context manager protocol.
 supported_spaces
