@@ -12,7 +12,18 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import agents, bookings, calls, health, knowledge, twilio, webhooks
+from api import (
+    agents,
+    bookings,
+    calls,
+    campaigns,
+    dnc,
+    health,
+    knowledge,
+    twilio,
+    twilio_amd,
+    webhooks,
+)
 from api.errors import BodySizeLimit, install_error_handlers
 from config import Settings
 from pipeline.metrics import PipelineMetrics
@@ -34,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_REQUEST_BYTES)
     # webhooks first: /v1/calls/export must not be taken for /v1/calls/{call_id}
-    for module in (webhooks, agents, calls, knowledge, bookings, twilio, health):
+    routers = (webhooks, agents, calls, campaigns, dnc, knowledge, bookings, twilio, twilio_amd)
+    for module in (*routers, health):
         app.include_router(module.router)
     return app

@@ -1,4 +1,5 @@
-"""`/v1/calls`: place an outbound call, list and read calls with their transcripts."""
+"""`/v1/calls`: place an outbound call (with an optional `Idempotency-Key`; never to a number
+on the do-not-call list), list and read calls with their transcripts, end a live call."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -25,8 +27,9 @@ from api.deps import (
     require_api_key,
 )
 from api.errors import APIError, not_found
+from api.idempotency import IdempotencyKey, replay, request_hash
 from config import Settings
-from models import Agent, Call
+from models import TERMINAL_STATUSES, Agent, Call, DncEntry
 from schemas import CallCreate, CallDetail, CallRead, Page
 from utils import mask_phone, new_id
 
@@ -36,7 +39,10 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 _DIAL_ERRORS: dict[int | str, dict[str, Any]] = {
     502: {"description": "Twilio refused the call (its code in the message); the call is failed"},
     503: {"description": "MAX_CONCURRENT_CALLS are up: nothing stored, retry after Retry-After"},
+    409: {"description": "`dnc`: the number is on the do-not-call list; or the key was reused"},
 }
+API_ENDED = "api-ended-call"
+"""`ended_reason` of a call hung up through `POST /v1/calls/{id}/end`."""
 
 
 @router.post(
@@ -53,7 +59,15 @@ async def create_call(
     twilio: TwilioDep,
     admission: AdmissionDep,
     metrics: MetricsDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> Call:
+    digest = request_hash(body)
+    if idempotency_key:
+        existing = await session.scalar(select(Call).where(Call.idempotency_key == idempotency_key))
+        if existing is not None:
+            return replay(existing, digest)
+    if await session.get(DncEntry, body.to) is not None:
+        raise APIError(409, "dnc", "to: the number is on the do-not-call list", "to")
     agent = await session.get(Agent, body.agent_id)
     if agent is None:
         raise APIError(404, "not_found", f"agent {body.agent_id!r} does not exist", "agent_id")
@@ -72,7 +86,9 @@ async def create_call(
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
     try:
-        return await _dial(session, settings, twilio, agent, body, call_id, from_number)
+        return await _dial(
+            session, settings, twilio, agent, body, call_id, from_number, (idempotency_key, digest)
+        )
     except BaseException:
         admission.release(call_id)  # not dialled (Twilio refused, or the request failed)
         raise
@@ -86,6 +102,7 @@ async def _dial(
     body: CallCreate,
     call_id: str,
     from_number: str,
+    idempotency: tuple[str | None, str],
 ) -> Call:
     call = Call(
         id=call_id,
@@ -95,9 +112,19 @@ async def _dial(
         to_number=body.to,
         status="queued",
         variables={**agent.variables, **body.variables},
+        call_metadata=dict(body.metadata),
+        idempotency_key=idempotency[0],
+        request_hash=idempotency[1],
     )
     session.add(call)
-    await session.commit()
+    try:
+        await session.commit()
+    except IntegrityError:  # the same Idempotency-Key raced in: answer as its repeat
+        await session.rollback()
+        existing = await session.scalar(select(Call).where(Call.idempotency_key == idempotency[0]))
+        if existing is None:
+            raise
+        return replay(existing, idempotency[1])
     twiml = stream_twiml(settings.media_stream_url, {"call_id": call.id})
     try:
         created = await twilio.create_call(
@@ -107,6 +134,7 @@ async def _dial(
             status_callback=settings.public_url("/twilio/status"),
             record=agent.recording_enabled,
             recording_status_callback=settings.public_url("/twilio/recording"),
+            amd_callback=amd_callback(settings, agent),
         )
     except TelephonyError as exc:
         call.status, call.ended_reason = "failed", "failed"
@@ -160,4 +188,34 @@ async def read_call(call_id: str, session: SessionDep) -> Call:
     )
     if call is None:
         raise not_found("call", call_id)
+    return call
+
+
+def amd_callback(settings: Settings, agent: Agent) -> str:
+    """Where Twilio posts the answering-machine result; empty when the agent turned
+    detection off."""
+    if not (agent.voicemail or {}).get("detect", True):
+        return ""
+    return settings.public_url("/twilio/amd")
+
+
+@router.post(
+    "/calls/{call_id}/end", status_code=202, response_model=CallRead, response_model_by_alias=True
+)
+async def end_call(call_id: str, session: SessionDep, twilio: TwilioDep) -> Call:
+    """Hang up a live call. Twilio ends it and the media stream with it; the record
+    settles with `ended_reason` `api-ended-call` (a 409 if it had already ended)."""
+    call = await session.get(Call, call_id)
+    if call is None:
+        raise not_found("call", call_id)
+    if call.status in TERMINAL_STATUSES:
+        raise APIError(409, "call_ended", f"call {call_id!r} has already ended ({call.status})")
+    if not call.twilio_call_sid:
+        raise APIError(409, "not_dialed", f"call {call_id!r} has no Twilio call yet")
+    call.ended_reason = call.ended_reason or API_ENDED
+    await session.commit()
+    try:
+        await twilio.hang_up(call.twilio_call_sid)
+    except TelephonyError as exc:
+        raise APIError(502, "twilio_error", f"Twilio error {exc.code}: {exc.message}") from None
     return call

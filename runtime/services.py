@@ -1,6 +1,7 @@
 """The running service's parts, built from settings when the app starts and closed when it
-stops: database, Twilio gateway, providers, knowledge base, post-call work and the live call
-manager. Nothing here exists at import time, so each test gets its own app and database.
+stops: database, Twilio gateway, providers, knowledge base, post-call work, the campaign
+dialer and the live call manager. Nothing here exists at import time, so each test gets its
+own app and database.
 
 Every part is published on `app.state` under one name, for `api.deps` to hand to routes.
 """
@@ -22,11 +23,14 @@ from adapters.netguard import PublicOnlyTransport
 from adapters.ollama import OllamaLLM
 from adapters.telephony import TwilioGateway
 from api.admission import CallAdmission
+from campaigns.dialer import Dialer
+from campaigns.service import CampaignEvents
 from config import Settings
 from knowledge.service import KnowledgeRetriever, start_knowledge
 from pipeline.contracts import PipelineDeps
 from pipeline.metrics import PipelineMetrics
 from pipeline.vad import SileroModel, shared_batcher
+from postcall.hooks import compose_hooks
 from postcall.service import PostCall
 from store.calls import SqlCallStore
 from store.db import Database
@@ -56,10 +60,14 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
     )
     llm, tts = OllamaLLM(settings), build_tts(settings)
     post_call = PostCall(settings, database.sessionmaker, llm, twilio)
-    app.state.post_call, app.state.call_hook = post_call, post_call.hook
+    campaign_events = CampaignEvents(post_call.outbox)
+    # the campaign's outcome first: the call's webhooks then go out with the contact moved
+    call_hook = compose_hooks(campaign_events.on_call_event, post_call.hook)
+    app.state.post_call, app.state.call_hook = post_call, call_hook
+    app.state.campaign_events = campaign_events
     store = SqlCallStore(
         database.sessionmaker,
-        post_call.hook,
+        call_hook,
         default_model=settings.OLLAMA_MODEL,
         fallback_line=settings.LLM_FALLBACK_LINE,
         live_events=post_call.live_events,
@@ -98,11 +106,21 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
         settings.MAX_CONCURRENT_CALLS, live=calls.active.keys
     )
     metrics.call_slots.set_function(admission.in_use)
+    app.state.dialer = dialer = Dialer(
+        database.sessionmaker,
+        twilio,
+        settings,
+        admission,
+        campaign_events,
+        call_hook,
+        live=calls.active.keys,
+    )
     if isinstance(tts, DeepgramStreamingTTS):
         metrics.tts_sockets.set_function(lambda: tts.open_sockets)
         metrics.tts_rest_fallbacks.set_function(lambda: tts.rest_fallbacks)
         metrics.tts_inline_connects.set_function(lambda: tts.inline_connects)
     await post_call.start()
+    await dialer.start()
     # Start-up loaded ~600k long-lived objects (torch, MiniLM, Chroma, Silero): move them
     # out of the collector's reach, or every full collection stalls all live calls for
     # 100-400 ms (measured by the benchmark).
@@ -115,6 +133,7 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
         lag_watch.cancel()
         with suppress(asyncio.CancelledError):
             await lag_watch
+        await dialer.aclose()
         await post_call.aclose()
         await tools_http.aclose()
         await asyncio.to_thread(knowledge.close)

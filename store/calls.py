@@ -218,7 +218,7 @@ class SqlCallStore:
             call_id=call.id,
             agent_id=agent.id,
             system_prompt=render_template(agent.system_prompt, variables),
-            first_message=render_template(agent.first_message, variables),
+            first_message=_with_disclosure(agent, variables),
             first_message_mode=agent.first_message_mode,
             voice=agent.voice,
             language=agent.language,
@@ -385,6 +385,13 @@ class SqlCallStore:
             await self._group_commit(_Write("finish", call_id, fields))
         finally:
             self._hooked.pop(call_id, None)
+
+
+def _with_disclosure(agent: Agent, variables: dict[str, Any]) -> str:
+    """The agent's first message, its disclosure line ("this call is recorded") first."""
+    first = render_template(agent.first_message, variables)
+    disclosure = render_template(agent.disclosure or "", variables).strip()
+    return f"{disclosure} {first}".strip() if disclosure else first
 
 
 # --- caller memory ----------------------------------------------------------------------

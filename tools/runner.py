@@ -6,6 +6,7 @@ Built-in tools, enabled per agent in `Agent.tools`::
     send_sms        text the caller from the agent's number (Twilio Messages API)
     transfer_call   hand the caller to the agent's transfer_number once the last words played
     end_call        hang up after a goodbye
+    opt_out         put the callee on the do-not-call list and hang up (tools/opt_out.py)
 
 plus custom HTTP tools (`HttpTool`): a signed request to the customer's URL whose answer
 goes back to the LLM.
@@ -50,6 +51,7 @@ from pipeline.contracts import AgentConfig, ToolContext, ToolOutcome
 from pipeline.providers import ToolCall
 from postcall.webhooks import SIGNATURE_HEADER, signature
 from schemas import BuiltinTool, CalendarSettings, HttpTool, ToolConfig
+from tools import opt_out
 from tools.scheduling import (
     Interval,
     Slot,
@@ -137,6 +139,9 @@ _SPECS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
         [],
     ),
 }
+
+
+_SPECS["opt_out"] = opt_out.SPEC
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +233,7 @@ class AgentTools:
             "send_sms": (self._send_sms, True),
             "transfer_call": (self._transfer_call, True),
             "end_call": (self._end_call, True),
+            "opt_out": (partial(opt_out.opt_out, self.sessionmaker), True),
         }
         names = ["check_availability", "book_meeting"] if tool.type == "book_meeting" else []
         tools = {}
