@@ -302,7 +302,7 @@ async def _move(
     session: AsyncSession, campaign: Campaign, events: EventsDep, action: str
 ) -> CampaignRead:
     allowed, target, event = _MOVES[action]
-    now = events.clock()
+    current, now = campaign.status, events.clock()
     values: dict[str, Any] = {"status": target, "updated_at": now}
     if action == "start":
         values["started_at"] = now
@@ -320,8 +320,7 @@ async def _move(
         raise APIError(
             409,
             "invalid_state",
-            f"cannot {action} a campaign that is {campaign.status} "
-            f"(only from {' or '.join(allowed)})",
+            f"cannot {action} a campaign that is {current} (only from {' or '.join(allowed)})",
         )
     if action == "cancel":
         await session.execute(
