@@ -1,0 +1,244 @@
+"""Whole campaigns through the real server, the Twilio emulator's dial plan (who answers
+each number, signed status and AMD callbacks, Media Streams from `TwilioCaller`), the
+Deepgram and Ollama emulators, over real sockets. The dialer's clock is injected: a
+Wednesday in office hours, moving with real time."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from emulators.audio import silence, synth_speech, tone
+from emulators.ollama import Reply
+from emulators.twilio_caller import Hangup, Say, SayAfterAgentAudio
+from emulators.twilio_dialplan import Answer
+from models import CampaignContact, DncEntry, WebhookEvent
+from tests.harness import LiveStack
+
+pytestmark = pytest.mark.slow
+
+WEDNESDAY_NOON_NY = datetime(2027, 1, 6, 17, 0, tzinfo=UTC)
+
+
+def moving_clock(start: datetime) -> Any:
+    t0 = time.monotonic()
+    return lambda: start + timedelta(seconds=time.monotonic() - t0)
+
+
+def llm_reply(messages: list[dict[str, Any]]) -> Reply:
+    system = " ".join(m["content"] for m in messages if m["role"] == "system")
+    if "OPTOUT" in system and not any(m["role"] == "tool" for m in messages):
+        return Reply(tool_calls=[{"name": "opt_out", "arguments": {"reason": "asked"}}])
+    return Reply("Great, I will send the details. Goodbye!")
+
+
+@pytest.fixture(scope="module")
+def audio() -> dict[str, bytes]:
+    return {
+        "yes": synth_speech("Sure, tell me more."),
+        "greeting": synth_speech("Hi, you have reached Sam. Leave a message after the tone.")
+        + silence(0.2)
+        + tone(0.4, 1000),
+    }
+
+
+def human(audio: dict[str, bytes]) -> Answer:
+    return Answer(
+        "human",
+        [SayAfterAgentAudio(1, 0.3, audio["yes"], anchor="end"), Hangup(15.0)],
+        amd_after_s=0.8,
+    )
+
+
+def machine(audio: dict[str, bytes]) -> Answer:
+    return Answer("machine", [Say(0.0, audio["greeting"])], amd_after_s=1.5)
+
+
+AGENT = {
+    "system_prompt": "You are calling {{name}} about Acme.",
+    "first_message": "Hi {{name}}, Acme here.",
+    "end_call_phrases": ["goodbye"],
+    "tools": [{"type": "opt_out"}],
+    "voicemail": {
+        "detect": True,
+        "action": "leave_message",
+        "message": "Hi {{name}}, this is Acme. Please call us back.",
+    },
+    "webhook_url": "http://127.0.0.1:9/hooks",
+}
+
+
+async def _wait_until_done(http: Any, campaign_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = (await http.get(f"/v1/campaigns/{campaign_id}")).json()
+        if body["status"] == "completed":
+            return body  # type: ignore[no-any-return]
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"campaign not completed in {timeout} s: {body['stats']}")
+
+
+async def _dialing_now(stack: LiveStack, campaign_id: str) -> int:
+    async def count() -> int:
+        async with stack.app.state.db.sessionmaker() as session:
+            n = await session.scalar(
+                select(func.count())
+                .select_from(CampaignContact)
+                .where(
+                    CampaignContact.campaign_id == campaign_id, CampaignContact.state == "dialing"
+                )
+            )
+            return int(n or 0)
+
+    assert stack.server is not None
+    return await asyncio.wrap_future(
+        asyncio.run_coroutine_threadsafe(count(), stack.server.loop)  # type: ignore[arg-type]
+    )
+
+
+def _overlap_peak(intervals: list[tuple[float, float]]) -> int:
+    edges = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    peak = current = 0
+    for _, step in edges:
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+async def test_hundred_contacts_mixed_outcomes(tmp_path, audio):
+    with LiveStack(
+        tmp_path,
+        deepgram={"listen_script": ["Sure, tell me more."]},
+        ollama={"replies": llm_reply, "ttft_ms": 50},
+        CAMPAIGN_TICK_MS=50,
+        CAMPAIGN_LEASE_S=20,
+        MAX_CONCURRENT_CALLS=40,
+        CAMPAIGN_INBOUND_RESERVE=5,
+    ) as stack:
+        stack.app.state.campaign_events.clock = moving_clock(WEDNESDAY_NOON_NY)
+        plan = stack.dial_plan()
+        agent = await stack.create_agent(**AGENT)
+        rows = []
+        expected: dict[str, tuple[str, int]] = {}
+
+        def add(kind: str, count: int, final: str, attempts: int, *answers: Answer) -> None:
+            for i in range(count):
+                phone = f"+1415555{len(rows):04d}"
+                name = f"{kind}{i}" + ("OPTOUT" if kind == "optout" else "")
+                rows.append(f"{phone},{name},{kind}")
+                expected[phone] = (final, attempts)
+                if answers:
+                    plan.script(phone, *answers)
+
+        add("human", 40, "answered", 1, human(audio))
+        add("voicemail", 20, "voicemail", 1, machine(audio))
+        add("retry", 15, "answered", 2, Answer("no-answer"), human(audio))
+        add("busy", 10, "busy", 2, Answer("busy"))
+        add("invalid", 10, "invalid", 1, Answer("invalid"))
+        add("dnc", 2, "suppressed", 0)
+        add("optout", 3, "opted_out", 1, human(audio))
+        assert len(rows) == 100
+        async with stack.api() as http:
+            for phone, (final, _) in expected.items():
+                if final == "suppressed":
+                    assert (await http.post("/v1/dnc", json={"phone": phone})).status_code == 201
+            body = {
+                "name": "Mixed",
+                "agent_id": agent["id"],
+                "max_concurrent_calls": 12,
+                "calls_per_second": 20,
+                "retry_policy": {
+                    "no_answer": {"max_attempts": 3, "delay_seconds": 1},
+                    "busy": {"max_attempts": 2, "delay_seconds": 1},
+                    "voicemail": {"max_attempts": 1, "delay_seconds": 1},
+                },
+            }
+            campaign = (await http.post("/v1/campaigns", json=body)).json()
+            csv_body = "phone,name,kind\n" + "\n".join(rows) + "\n"
+            files = {"file": ("leads.csv", csv_body.encode(), "text/csv")}
+            report = (
+                await http.post(f"/v1/campaigns/{campaign['id']}/contacts", files=files)
+            ).json()
+            assert (report["imported"], report["suppressed"], report["errors"]) == (100, 2, [])
+            started = await http.post(f"/v1/campaigns/{campaign['id']}/start")
+            assert started.status_code == 200, started.text
+
+            peak_dialing = 0
+            sampling = True
+
+            async def sample() -> None:
+                nonlocal peak_dialing
+                while sampling:
+                    peak_dialing = max(peak_dialing, await _dialing_now(stack, campaign["id"]))
+                    await asyncio.sleep(0.02)
+
+            sampler = asyncio.create_task(sample())
+            try:
+                done = await _wait_until_done(http, campaign["id"], timeout=150)
+            finally:
+                sampling = False
+                await sampler
+            results = (await http.get(f"/v1/campaigns/{campaign['id']}/results?format=csv")).text
+            contacts = []
+            for offset in (0, 50):
+                page = await http.get(
+                    f"/v1/campaigns/{campaign['id']}/contacts?limit=50&offset={offset}"
+                )
+                contacts += page.json()["items"]
+        await asyncio.sleep(0.5)  # the last streams close
+        records = list(plan.records.values())
+
+        async def read_db() -> tuple[list[Any], list[str]]:
+            async with stack.app.state.db.sessionmaker() as session:
+                events = list(await session.scalars(select(WebhookEvent)))
+                dnc = list(await session.scalars(select(DncEntry.phone)))
+                return events, dnc
+
+        assert stack.server is not None
+        events, dnc_numbers = stack.server.run_in_loop(read_db())
+
+    by_phone = {row["phone"]: row for row in csv.DictReader(io.StringIO(results))}
+    assert len(by_phone) == 100
+    wrong = {
+        p: (r["final_outcome"], r["attempts"])
+        for p, r in by_phone.items()
+        if (r["final_outcome"], int(r["attempts"])) != expected[p]
+    }
+    assert not wrong, wrong
+    # every contact's attempts carry their call ids
+    for contact in contacts:
+        assert len(contact["attempt_log"]) == contact["attempts"]
+        assert all(a["call_id"] and a["outcome"] for a in contact["attempt_log"])
+    stats = done["stats"]
+    assert stats["outcomes"]["voicemail"] == 20 and stats["outcomes"]["opted_out"] == 3
+    assert stats["outcomes"]["busy"] == 20 and stats["outcomes"]["invalid"] == 10
+    assert stats["calls_in_progress"] == 0
+    # the voicemail was left: the call was redirected to <Say> with the rendered message
+    left = [r for r in records if r.kind == "machine"]
+    assert len(left) == 20 and all(
+        r.said and "please call us back" in r.said[0].lower() for r in left
+    )
+    # no number ever had two calls at once; the campaign's cap held
+    per_number: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        per_number.setdefault(r.to, []).append((r.created, r.ended or r.created))
+    assert all(_overlap_peak(iv) == 1 for iv in per_number.values())
+    assert 1 <= peak_dialing <= 12
+    # opt-outs went on the do-not-call list; webhooks carried the campaign
+    optouts = {p for p, (final, _) in expected.items() if final == "opted_out"}
+    assert optouts <= set(dnc_numbers)
+    types = [e.event_type for e in events]
+    assert types.count("campaign.started") == 1 and types.count("campaign.completed") == 1
+    ended = [e.payload["data"]["call"] for e in events if e.event_type == "call.ended"]
+    assert ended and all(c["campaign_id"] == campaign["id"] and c["contact_id"] for c in ended)
+    print(
+        f"\n100 contacts: {len(records)} dials, peak dialing {peak_dialing}, "
+        f"emulator peak {_overlap_peak([(r.created, r.ended or r.created) for r in records])}"
+    )
