@@ -75,14 +75,14 @@ AGENT = {
 }
 
 
-async def _wait_until_done(http: Any, campaign_id: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
+async def _wait_until_done(http: Any, campaign_id: str, within_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         body = (await http.get(f"/v1/campaigns/{campaign_id}")).json()
         if body["status"] == "completed":
             return body  # type: ignore[no-any-return]
         await asyncio.sleep(0.25)
-    raise AssertionError(f"campaign not completed in {timeout} s: {body['stats']}")
+    raise AssertionError(f"campaign not completed in {within_s} s: {body['stats']}")
 
 
 async def _dialing_now(stack: LiveStack, campaign_id: str) -> int:
@@ -181,7 +181,7 @@ async def test_hundred_contacts_mixed_outcomes(tmp_path, audio):
 
             sampler = asyncio.create_task(sample())
             try:
-                done = await _wait_until_done(http, campaign["id"], timeout=150)
+                done = await _wait_until_done(http, campaign["id"], within_s=150)
             finally:
                 sampling = False
                 await sampler
