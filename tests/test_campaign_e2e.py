@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from emulators.audio import silence, synth_speech, tone
+from emulators.base import async_wait_until
 from emulators.ollama import Reply
 from emulators.twilio_caller import Hangup, Say, SayAfterAgentAudio
 from emulators.twilio_dialplan import Answer
@@ -242,3 +243,75 @@ async def test_hundred_contacts_mixed_outcomes(tmp_path, audio):
         f"\n100 contacts: {len(records)} dials, peak dialing {peak_dialing}, "
         f"emulator peak {_overlap_peak([(r.created, r.ended or r.created) for r in records])}"
     )
+
+
+class SteppedClock:
+    """A clock the test moves: `set()` jumps, real time flows on from there."""
+
+    def __init__(self, start: datetime) -> None:
+        self.set(start)
+
+    def set(self, at: datetime) -> None:
+        self._base, self._t0 = at, time.monotonic()
+
+    def __call__(self) -> datetime:
+        return self._base + timedelta(seconds=time.monotonic() - self._t0)
+
+
+async def test_window_on_injected_clock_then_pause_within_a_second(tmp_path):
+    # Wednesday 12:30 UTC: 7:30 in New York, 4:30 in Los Angeles: both windows shut
+    clock = SteppedClock(datetime(2027, 1, 6, 12, 30, tzinfo=UTC))
+    with LiveStack(tmp_path, CAMPAIGN_TICK_MS=50, MAX_CONCURRENT_CALLS=0) as stack:
+        stack.app.state.campaign_events.clock = clock
+        plan = stack.dial_plan(default=Answer("no-answer", ring_s=0.2))
+        agent = await stack.create_agent()
+        new_york = [f"+1212555{i:04d}" for i in range(3)]
+        los_angeles = [f"+1415555{i:04d}" for i in range(40)]
+        async with stack.api() as http:
+            body = {
+                "name": "Windows",
+                "agent_id": agent["id"],
+                "calls_per_second": 4,
+                "max_concurrent_calls": 5,
+                "retry_policy": {"no_answer": {"max_attempts": 1, "delay_seconds": 0}},
+            }
+            campaign = (await http.post("/v1/campaigns", json=body)).json()
+            contacts = [{"phone": p} for p in new_york + los_angeles]
+            url = f"/v1/campaigns/{campaign['id']}/contacts"
+            assert (await http.post(url, json={"contacts": contacts})).status_code == 201
+            await http.post(f"/v1/campaigns/{campaign['id']}/start")
+            await asyncio.sleep(1.0)
+            assert plan.records == {}, "dialed outside the local window"
+
+            clock.set(datetime(2027, 1, 6, 14, 0, 30, tzinfo=UTC))  # 9:00 NY, 6:00 LA
+            async with asyncio.timeout(20):
+                await async_wait_until(lambda: len(plan.records) >= len(new_york))
+            await asyncio.sleep(1.0)
+            assert {r.to for r in plan.records.values()} == set(new_york)
+            waiting = (await http.get(f"{url}?state=pending")).json()["items"]
+            assert waiting and all(
+                c["next_attempt_at"].startswith("2027-01-06T17:00") for c in waiting
+            )
+
+            clock.set(datetime(2027, 1, 6, 17, 0, 30, tzinfo=UTC))  # 9:00 LA
+            async with asyncio.timeout(20):
+                await async_wait_until(lambda: len(plan.records) >= len(new_york) + 6)
+            paused = await http.post(f"/v1/campaigns/{campaign['id']}/pause")
+            paused_at = time.monotonic()
+            assert paused.json()["status"] == "paused"
+            await asyncio.sleep(2.5)
+            late = [r for r in plan.records.values() if r.created > paused_at + 1.0]
+            assert not late, f"{len(late)} dials more than a second after pause"
+            dialed_while_paused = len(plan.records)
+            assert dialed_while_paused < len(new_york) + len(los_angeles)
+
+            await http.post(f"/v1/campaigns/{campaign['id']}/resume")
+            async with asyncio.timeout(30):
+                await async_wait_until(lambda: len(plan.records) >= dialed_while_paused + 3)
+            cancelled = (await http.post(f"/v1/campaigns/{campaign['id']}/cancel")).json()
+            assert cancelled["status"] == "cancelled"
+            await asyncio.sleep(1.5)  # calls in progress finish
+            final = (await http.get(f"/v1/campaigns/{campaign['id']}")).json()["stats"]
+        assert final["contacts"].get("pending", 0) == 0
+        assert final["contacts"].get("cancelled", 0) > 0
+        assert final["contacts"].get("dialing", 0) == 0
