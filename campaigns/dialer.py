@@ -507,6 +507,8 @@ class Dialer:
                 )
                 return
             self.admission.release(call.id)
+            if fetched.status == "completed" and (fetched.duration or 0) > 0:
+                apply_status(call, "in-progress")  # Twilio says it was answered
             if apply_status(call, fetched.status, duration=fetched.duration):
                 call.ended_reason = call.ended_reason or "customer-ended-call"
                 await session.flush()
