@@ -81,7 +81,7 @@ async def _wait_until_done(http: Any, campaign_id: str, within_s: float) -> dict
     while time.monotonic() < deadline:
         body = (await http.get(f"/v1/campaigns/{campaign_id}")).json()
         if body["status"] == "completed":
-            return body  # type: ignore[no-any-return]
+            return dict(body)
         await asyncio.sleep(0.25)
     raise AssertionError(f"campaign not completed in {within_s} s: {body['stats']}")
 
@@ -126,7 +126,7 @@ async def test_hundred_contacts_mixed_outcomes(tmp_path, audio):
         stack.app.state.campaign_events.clock = moving_clock(WEDNESDAY_NOON_NY)
         plan = stack.dial_plan()
         agent = await stack.create_agent(**AGENT)
-        rows = []
+        rows: list[str] = []
         expected: dict[str, tuple[str, int]] = {}
 
         def add(kind: str, count: int, final: str, attempts: int, *answers: Answer) -> None:

@@ -5,6 +5,7 @@ moves, idempotency, and the DNC rules on `POST /v1/calls`."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from tests.conftest import create_agent
 
@@ -41,7 +42,7 @@ async def test_create_defaults_and_idempotency(client):
 
 async def test_create_refuses_bad_fields(client):
     agent = await create_agent(client)
-    cases = [
+    cases: list[tuple[dict[str, Any], str | None]] = [
         ({"calling_window": {"start": "20:00", "end": "09:00"}}, "calling_window.end"),
         ({"calling_window": {"timezone": "Mars/Olympus"}}, "calling_window.timezone"),
         ({"calls_per_second": 0}, "calls_per_second"),
