@@ -1,5 +1,6 @@
 """Twilio-facing endpoints: the voice webhook (answers with TwiML that opens the Media
-Stream), status and recording callbacks, and the `/twilio/media` WebSocket.
+Stream), status and recording callbacks, and the `/twilio/media` WebSocket (its transport
+and JSON codec: `api.media_stream`).
 
 Every request is authenticated by `X-Twilio-Signature` against the public URL (Twilio signs
 what it requested, not what a proxy forwards to us); a forged one gets 403 and changes nothing.
@@ -8,12 +9,10 @@ what it requested, not what a proxy forwards to us); a forged one gets 403 and c
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, Request, Response, WebSocket
 from sqlalchemy import select
-from starlette.websockets import WebSocketState
 
 from adapters.telephony import (
     form_params,
@@ -25,7 +24,7 @@ from adapters.telephony import (
 from api.admission import INBOUND_HOLD_S, CallAdmission
 from api.deps import SessionDep
 from api.errors import APIError
-from api.media_ws import TEXT_SINK
+from api.media_stream import TwilioMediaStream
 from config import Settings
 from models import TERMINAL_STATUSES, Agent, Call
 from store.calls import apply_status
@@ -167,46 +166,6 @@ async def media_stream(websocket: WebSocket) -> None:
         log.warning("rejected media stream: bad or missing X-Twilio-Signature")
         await websocket.close(code=1008, reason="invalid signature")
         return
-    await websocket.app.state.calls.handle(WebSocketTransport(websocket))
-
-
-class WebSocketTransport:
-    """The pipeline's `MediaTransport` over Starlette's WebSocket."""
-
-    def __init__(self, websocket: WebSocket) -> None:
-        self.websocket = websocket
-
-    async def receive_text(self) -> str | None:
-        try:
-            message = await self.websocket.receive()
-        except (WebSocketDisconnect, RuntimeError):
-            return None
-        if message["type"] == "websocket.disconnect":
-            return None
-        if message.get("text") is not None:
-            return str(message["text"])
-        return (message.get("bytes") or b"").decode("utf-8", errors="replace")
-
-    def subscribe(self, sink: Callable[[str], None]) -> bool:
-        """Text messages to `sink` as uvicorn reads them, where the server runs
-        `media_ws.MediaStreamProtocol`; False (nothing changes) elsewhere."""
-        hook = self.websocket.scope.get("extensions", {}).get(TEXT_SINK)
-        if hook is None:
-            state = self.websocket.app.state
-            if not getattr(state, "told_media_protocol", False):
-                state.told_media_protocol = True
-                log.info(
-                    "media streams are read through ASGI receive(): start uvicorn with "
-                    "--ws api.media_ws:MediaStreamProtocol (as run.sh does) for ~15 us less CPU "
-                    "per message"
-                )
-            return False
-        hook(sink)
-        return True
-
-    async def send_text(self, text: str) -> None:
-        await self.websocket.send_text(text)
-
-    async def close(self, code: int = 1000) -> None:
-        if self.websocket.application_state == WebSocketState.CONNECTED:
-            await self.websocket.close(code=code)
+    await websocket.app.state.calls.handle(
+        TwilioMediaStream(websocket, websocket.app.state.metrics)
+    )

@@ -13,7 +13,7 @@ from typing import Any, Literal, Protocol
 
 from pipeline.metrics import PipelineMetrics
 from pipeline.providers import Clock, LLMProvider, STTProvider, ToolCall, TTSProvider
-from pipeline.vad import VADBatcher
+from pipeline.silero import VADBatcher
 
 
 @dataclass(slots=True)
@@ -45,18 +45,59 @@ class AgentConfig:
     variables: dict[str, Any] = field(default_factory=dict)
 
 
-class MediaTransport(Protocol):
-    """The Twilio WebSocket as the pipeline sees it. A transport may also offer
-    `subscribe(sink) -> bool`: text messages then go to `sink` as they are read, not
-    through `receive_text()` (which still returns None at the end)."""
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    """A media stream's opening, decoded by its transport: who the stream belongs to."""
 
-    async def receive_text(self) -> str | None:
-        """The next text message, or None once the peer has gone."""
+    stream_sid: str
+    call_sid: str
+    """The telephony call, for `CallControl`."""
+    parameters: dict[str, str] = field(default_factory=dict)
+    """What the app attached when it opened the stream (Twilio's `customParameters`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MediaSink:
+    """Where a transport delivers what the caller's side sends, decoded, as it is read.
+
+    Each callback runs on the event loop inside the transport's read, so it must not block;
+    it may raise to end the call (the transport's `run()` then raises it)."""
+
+    on_audio: Callable[[bytes], None]
+    """Caller audio: mu-law, 8 kHz, mono."""
+    on_mark: Callable[[str], None]
+    """A mark sent with `send_mark` came back: its audio played, or a clear discarded it."""
+    on_dtmf: Callable[[str], None]
+    """One keypad digit."""
+
+
+class MediaTransport(Protocol):
+    """A live call's audio link (the Twilio Media Stream, a browser), media-level: its wire
+    format stays in the transport. Sends are awaited one at a time, in order."""
+
+    async def start(self) -> StreamStart | None:
+        """Wait for the stream to open; None if the peer stopped or went first."""
         ...
 
-    async def send_text(self, text: str) -> None: ...
+    async def run(self, sink: MediaSink) -> None:
+        """Deliver inbound media to `sink` until the peer stops the stream or goes."""
+        ...
 
-    async def close(self, code: int = 1000) -> None: ...
+    async def send_audio(self, audio: bytes | bytearray) -> None:
+        """Queue mu-law audio for playback after what is queued already."""
+        ...
+
+    async def send_mark(self, name: str) -> None:
+        """Ask for `name` back once the audio queued before it has played."""
+        ...
+
+    async def send_clear(self) -> None:
+        """Drop the queued audio now; the marks behind it come back."""
+        ...
+
+    async def close(self, code: int = 1000) -> None:
+        """End the link (a WebSocket close code: 1000 done, 1008 refused)."""
+        ...
 
 
 class CallStore(Protocol):

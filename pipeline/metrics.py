@@ -117,5 +117,10 @@ class PipelineMetrics:
         if seconds is not None:
             self.turn_latency.labels(stage).observe(seconds)
 
+    def observe_turn_ms(self, stage: str, ms: float | None) -> None:
+        """`observe_turn` for a latency in milliseconds, as turns record them."""
+        if ms is not None:
+            self.turn_latency.labels(stage).observe(ms / 1000)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

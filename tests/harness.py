@@ -235,7 +235,7 @@ class LiveStack:
 _ROOT = Path(__file__).resolve().parent.parent
 _CALL_DIRS = (str(_ROOT / "pipeline"), str(_ROOT / "adapters"))
 _NOT_PER_CALL = (str(_ROOT / "pipeline" / "metrics.py"),)  # the app's loop-lag watch
-_CALL_MODULES = (str(_ROOT / "voice_pipeline.py"),)
+_CALL_MODULES = (str(_ROOT / "voice_pipeline.py"), str(_ROOT / "api" / "media_stream.py"))
 
 
 def _is_call_code(filename: str) -> bool:
