@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,6 +33,9 @@ from models import TERMINAL_STATUSES, Agent, Call, DncEntry
 from schemas import CallCreate, CallDetail, CallRead, Page
 from utils import mask_phone, new_id
 
+if TYPE_CHECKING:
+    from voice_pipeline import CallSession
+
 log = logging.getLogger("ai_sdr.api")
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -43,6 +46,7 @@ _DIAL_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 API_ENDED = "api-ended-call"
 """`ended_reason` of a call hung up through `POST /v1/calls/{id}/end`."""
+END_GOODBYE = "Sorry, I have to go now. Thanks for your time, goodbye."
 
 
 @router.post(
@@ -202,9 +206,10 @@ def amd_callback(settings: Settings, agent: Agent) -> str:
 @router.post(
     "/calls/{call_id}/end", status_code=202, response_model=CallRead, response_model_by_alias=True
 )
-async def end_call(call_id: str, session: SessionDep, twilio: TwilioDep) -> Call:
-    """Hang up a live call. Twilio ends it and the media stream with it; the record
-    settles with `ended_reason` `api-ended-call` (a 409 if it had already ended)."""
+async def end_call(call_id: str, session: SessionDep, twilio: TwilioDep, request: Request) -> Call:
+    """Hang up a live call: the agent finishes with a goodbye if it is speaking, then
+    hangs up (a call whose stream is not up here is hung up through Twilio). The record
+    settles with `ended_reason` `api-ended-call`; a 409 if it had already ended."""
     call = await session.get(Call, call_id)
     if call is None:
         raise not_found("call", call_id)
@@ -212,6 +217,8 @@ async def end_call(call_id: str, session: SessionDep, twilio: TwilioDep) -> Call
         raise APIError(409, "call_ended", f"call {call_id!r} has already ended ({call.status})")
     if not call.twilio_call_sid:
         raise APIError(409, "not_dialed", f"call {call_id!r} has no Twilio call yet")
+    if request.app.state.calls.control(call.id, _end_live):
+        return call  # the session says its goodbye if it is speaking, then hangs up
     call.ended_reason = call.ended_reason or API_ENDED
     await session.commit()
     try:
@@ -219,3 +226,8 @@ async def end_call(call_id: str, session: SessionDep, twilio: TwilioDep) -> Call
     except TelephonyError as exc:
         raise APIError(502, "twilio_error", f"Twilio error {exc.code}: {exc.message}") from None
     return call
+
+
+async def _end_live(call: CallSession) -> None:
+    goodbye = END_GOODBYE if call.playout.speech is not None else None
+    await call.end(API_ENDED, goodbye)

@@ -1,10 +1,12 @@
 """`POST /twilio/amd`: Twilio's asynchronous answering-machine detection result for an
 outbound call (`AsyncAmdStatusCallback`), signed like every Twilio webhook.
 
-`AnsweredBy`: `human` and `unknown` change nothing (the agent talks). `machine_end_beep`,
-`machine_end_silence` and `machine_end_other` end the call as `voicemail`: with the
-agent's `voicemail.action` `leave_message` the call is redirected to TwiML that says the
-rendered message after the beep and hangs up, else it is hung up. `fax` hangs up.
+A call with its media stream live in this process hears of it through its session
+(`CallSession.answered_by`): `human` starts the pitch, `machine_end_beep`,
+`machine_end_silence` and `machine_end_other` leave the agent's voicemail message in its
+own voice after the beep (or just hang up) with `ended_reason` `voicemail`, `fax` hangs up.
+A call with no live session here (its stream not up yet) is ended through Twilio
+instead: redirected to TwiML that says the message and hangs up, or hung up.
 """
 
 from __future__ import annotations
@@ -17,15 +19,12 @@ from sqlalchemy import select
 from adapters.telephony import TelephonyError, TwilioGateway, say_hangup_twiml
 from api.deps import SessionDep
 from api.twilio import TwilioForm, first_param
-from campaigns.policy import VOICEMAIL
 from models import TERMINAL_STATUSES, Agent, Call, CallEvent
+from pipeline.voicemail import FAX, MACHINE_RESULTS, VOICEMAIL
 from utils import render_template
 
 log = logging.getLogger("ai_sdr.twilio")
 router = APIRouter(prefix="/twilio", include_in_schema=False)
-
-MACHINE_END = frozenset({"machine_end_beep", "machine_end_silence", "machine_end_other"})
-FAX = "fax"
 
 
 @router.post("/amd", status_code=204)
@@ -49,7 +48,13 @@ async def amd_callback(params: TwilioForm, session: SessionDep, request: Request
         )
     )
     twiml = None
-    if call.status not in TERMINAL_STATUSES and answered_by in MACHINE_END | {FAX}:
+    calls = request.app.state.calls
+    if call.status not in TERMINAL_STATUSES and calls.control(
+        call.id, lambda session: session.answered_by(answered_by)
+    ):
+        await session.commit()
+        return Response(status_code=204)
+    if call.status not in TERMINAL_STATUSES and answered_by in MACHINE_RESULTS | {FAX}:
         agent = await session.get(Agent, call.agent_id) if call.agent_id else None
         settings = (agent.voicemail if agent else None) or {}
         call.ended_reason = call.ended_reason or (VOICEMAIL if answered_by != FAX else "fax")

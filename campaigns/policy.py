@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from models import Call
+from pipeline.voicemail import VOICEMAIL
 
 RETRYABLE = ("no_answer", "busy", "failed", "voicemail")
 OUTCOMES = ("answered", *RETRYABLE, "invalid", "opted_out")
@@ -29,8 +30,7 @@ INVALID_NUMBER_CODES = frozenset({13223, 13224, 21211, 21214, 21217, 21401, 2140
 """Twilio errors that mean the number itself cannot be called."""
 
 OPTED_OUT = "opted-out"
-VOICEMAIL = "voicemail"
-"""`ended_reason`s the pipeline and the AMD callback set on calls."""
+"""`ended_reason` the opt_out tool sets (VOICEMAIL is the pipeline's)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,12 @@ class AgentConfig:
     transfer_number: str = ""
     caller_memory: str = ""
     variables: dict[str, Any] = field(default_factory=dict)
+    wait_for_human: bool = False
+    """Outbound: no pitch until the callee speaks (a voicemail greeting is told apart by
+    its words) or answering-machine detection says `human`."""
+    voicemail_action: str = "hang_up"
+    """On a machine: `hang_up`, or `leave_message` (say `voicemail_message`, then hang up)."""
+    voicemail_message: str = ""
 
 
 @dataclass(frozen=True, slots=True)

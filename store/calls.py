@@ -238,6 +238,7 @@ class SqlCallStore:
             transfer_number=agent.transfer_number or "",
             caller_memory=memory,
             variables=variables,
+            **_voicemail_fields(call, agent, variables),
         )
 
     async def stream_started(self, call_id: str, *, stream_sid: str, call_sid: str) -> None:
@@ -385,6 +386,15 @@ class SqlCallStore:
             await self._group_commit(_Write("finish", call_id, fields))
         finally:
             self._hooked.pop(call_id, None)
+
+
+def _voicemail_fields(call: Call, agent: Agent, variables: dict[str, Any]) -> dict[str, Any]:
+    settings = agent.voicemail or {}
+    return {
+        "wait_for_human": call.direction == "outbound",
+        "voicemail_action": settings.get("action", "hang_up"),
+        "voicemail_message": render_template(settings.get("message", ""), variables).strip(),
+    }
 
 
 def _with_disclosure(agent: Agent, variables: dict[str, Any]) -> str:

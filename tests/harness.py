@@ -90,7 +90,9 @@ class LiveStack:
             TWILIO_API_BASE_URL=self.twilio.url,
             **self.extra_settings,
         )
-        self.server = AppServer(self.settings, self.ws_protocol).start()
+        self.server = AppServer(self.settings, self.ws_protocol).start(
+            timeout=90
+        )  # a loaded 2-core box
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:

@@ -28,7 +28,7 @@ from emulators.twilio_dialplan import Answer, DialPlan
 from emulators.twilio_rest import TwilioRestEmulator
 from tests.conftest import ACCOUNT_SID, API_KEY, AUTH_TOKEN, PUBLIC_BASE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parent.parent
 
 
