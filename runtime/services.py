@@ -115,6 +115,8 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
         call_hook,
         live=calls.active.keys,
     )
+    metrics.dialer_statements.set_function(lambda: dialer.statements)
+    metrics.dialer_dials.set_function(lambda: dialer.dials)
     if isinstance(tts, DeepgramStreamingTTS):
         metrics.tts_sockets.set_function(lambda: tts.open_sockets)
         metrics.tts_rest_fallbacks.set_function(lambda: tts.rest_fallbacks)
