@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
-from emulators.twilio_caller import Action, TwilioCaller
+from emulators.twilio_caller import Action, Hangup, TwilioCaller
 
 if TYPE_CHECKING:
     from emulators.twilio_rest import TwilioRestEmulator
@@ -92,6 +92,21 @@ class DialPlan:
         self.records: dict[str, DialRecord] = {}
         self.on_dial: Callable[[DialRecord], None] | None = None
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DialPlan:
+        """From JSON (`python -m emulators --dial-plan`): `app_base`, `public_base`,
+        `media_url`, `default` and `numbers` ({number: [answer, ...]}); an answer is
+        {"kind", "ring_s", "amd_after_s", "hangup_s"} (the callee hangs up at `hangup_s`)."""
+        plan = cls(
+            app_base=data["app_base"],
+            public_base=data.get("public_base", data["app_base"]),
+            media_url=data["media_url"],
+            default=_answer(data["default"]) if data.get("default") else None,
+        )
+        for number, answers in (data.get("numbers") or {}).items():
+            plan.script(number, *(_answer(a) for a in answers))
+        return plan
+
     def script(self, number: str, *answers: Answer) -> None:
         self._scripts[number] = list(answers)
 
@@ -114,6 +129,17 @@ class DialPlan:
         if url.startswith(self.public_base):
             return self.app_base + url[len(self.public_base) :]
         return url
+
+
+def _answer(data: dict[str, Any]) -> Answer:
+    hangup = data.get("hangup_s")
+    return Answer(
+        kind=data["kind"],
+        timeline=[Hangup(float(hangup))] if hangup is not None else [],
+        ring_s=float(data.get("ring_s", 0.2)),
+        amd_after_s=float(data.get("amd_after_s", 1.0)),
+        answered_by=data.get("answered_by"),
+    )
 
 
 def stream_of(twiml: str | None) -> tuple[str, dict[str, str]] | None:
