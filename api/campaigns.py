@@ -32,6 +32,7 @@ from api.deps import (
 )
 from api.errors import APIError
 from api.idempotency import IdempotencyKey, replay, request_hash
+from api.webhooks import safe_cell
 from campaigns.contacts import ImportError_, RowIn, import_contacts, parse_csv
 from campaigns.service import CampaignEvents, live_counters
 from models import Agent, Call, Campaign, CampaignAttempt, CampaignContact
@@ -90,6 +91,7 @@ async def _read(session: AsyncSession, campaign: Campaign, events: CampaignEvent
 async def create_campaign(
     body: CampaignCreate,
     session: SessionDep,
+    settings: SettingsDep,
     events: EventsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> CampaignRead:
@@ -100,8 +102,13 @@ async def create_campaign(
         )
         if existing is not None:
             return await _read(session, replay(existing, digest), events)
-    if await session.get(Agent, body.agent_id) is None:
+    agent = await session.get(Agent, body.agent_id)
+    if agent is None:
         raise APIError(404, "not_found", f"agent {body.agent_id!r} does not exist", "agent_id")
+    if not (body.from_ or agent.phone_number or settings.TWILIO_DEFAULT_FROM):
+        raise APIError(
+            422, "validation_error", "from: required, the agent has no phone_number", "from"
+        )
     policy = body.retry_policy.model_dump(mode="json", exclude_none=True)
     campaign = Campaign(
         name=body.name,
@@ -479,12 +486,19 @@ def _result_row(
         call.id if call else "",
         call.duration_seconds if call and call.duration_seconds is not None else "",
         analysis.get("lead_score", ""),
-        analysis.get("summary", ""),
-        analysis.get("sentiment", ""),
+        _cell(analysis.get("summary")),
+        _cell(analysis.get("sentiment")),
         analysis.get("meeting_booked", ""),
-        *[(contact.variables or {}).get(n, "") for n in var_cols],
-        *[(contact.contact_metadata or {}).get(n, "") for n in meta_cols],
+        *[_cell((contact.variables or {}).get(n)) for n in var_cols],
+        *[_cell((contact.contact_metadata or {}).get(n)) for n in meta_cols],
     ]
+
+
+def _cell(value: Any) -> Any:
+    """Free text neutralised for spreadsheets (a leading `=` is no formula); numbers kept."""
+    if value is None:
+        return ""
+    return safe_cell(value) if isinstance(value, str) else value
 
 
 def _csv_line(values: list[Any]) -> str:

@@ -19,7 +19,10 @@ async def _campaign(client, **fields):
 
 
 async def test_create_defaults_and_idempotency(client):
-    agent = await create_agent(client)
+    numberless = await create_agent(client)
+    refused = await client.post("/v1/campaigns", json={"name": "Q0", "agent_id": numberless["id"]})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "from"
+    agent = await create_agent(client, phone_number="+14155550100")
     body = {"name": "Q1", "agent_id": agent["id"], "calls_per_second": 2}
     first = await client.post("/v1/campaigns", json=body, headers={"Idempotency-Key": "k1"})
     assert first.status_code == 201, first.text
