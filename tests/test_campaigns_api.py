@@ -4,7 +4,9 @@ moves, idempotency, and the DNC rules on `POST /v1/calls`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from tests.conftest import create_agent
@@ -178,3 +180,20 @@ async def test_dnc_list_remove_csv_and_calls_refused(client):
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "dnc"
     assert (await client.delete("/v1/dnc/+14155550131")).status_code == 204
     assert (await client.delete("/v1/dnc/+14155550131")).status_code == 404
+
+
+async def test_contacts_not_reached_by_end_at_expire_and_the_campaign_completes(app, client):
+    # Saturday: the default Monday-Friday window never opens before end_at
+    now = [datetime(2027, 1, 9, 15, 0, tzinfo=UTC)]
+    app.state.campaign_events.clock = lambda: now[0]
+    campaign = await _campaign(client, end_at="2027-01-10T12:00:00Z")
+    url = f"/v1/campaigns/{campaign['id']}/contacts"
+    await client.post(
+        url, json={"contacts": [{"phone": "+14155550141"}, {"phone": "+14155550142"}]}
+    )
+    await client.post(f"/v1/campaigns/{campaign['id']}/start")
+    await asyncio.sleep(0.6)
+    running = (await client.get(f"/v1/campaigns/{campaign['id']}")).json()
+    assert running["status"] == "completed"  # nothing could ever be dialed in time
+    assert running["stats"]["contacts"] == {"expired": 2}
+    assert running["stats"]["attempts"] == 0
