@@ -53,9 +53,10 @@ async def test_two_dialers_one_database_dial_each_attempt_once(tmp_path, twilio_
             await async_wait_until(
                 lambda: app_a.state.dialer.dials + app_b.state.dialer.dials >= 60
             )
-            while (await http.get(f"/v1/campaigns/{campaign['id']}")).json()[
-                "status"
-            ] != "completed":
+            for _ in range(1500):
+                state = (await http.get(f"/v1/campaigns/{campaign['id']}")).json()
+                if state["status"] == "completed":
+                    break
                 await asyncio.sleep(0.1)
         final = (await http.get(f"/v1/campaigns/{campaign['id']}")).json()["stats"]
         dials = (app_a.state.dialer.dials, app_b.state.dialer.dials)
