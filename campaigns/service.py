@@ -27,7 +27,7 @@ from models import (
     CampaignContact,
 )
 from postcall.hooks import after_commit
-from postcall.report import iso
+from postcall.report import call_record, iso
 from postcall.webhooks import Outbox
 from utils import utcnow
 
@@ -48,10 +48,17 @@ class CampaignEvents:
         self.wake_dialer: Callable[[], None] = lambda: None
 
     async def on_call_event(self, session: AsyncSession, call: Call, event_name: str) -> None:
-        """CallHook: a campaign call ended; its outcome moves the contact."""
-        if event_name != "call.ended" or call.contact_id is None:
+        """CallHook: an outbound call ended. A voicemail gets its own `call.voicemail`
+        webhook; a campaign call's outcome moves its contact."""
+        if event_name != "call.ended" or call.direction != "outbound":
             return
-        await self.record_outcome(session, call.id, outcome_of(call))
+        outcome = outcome_of(call)
+        if outcome == "voicemail" and self.outbox is not None:
+            agent = await session.get(Agent, call.agent_id) if call.agent_id else None
+            data = {"call": call_record(call, agent)}
+            self.outbox.enqueue(session, call, agent, "call.voicemail", data)
+        if call.contact_id is not None:
+            await self.record_outcome(session, call.id, outcome)
 
     async def record_outcome(self, session: AsyncSession, call_id: str, outcome: str) -> bool:
         """Close the attempt of `call_id` with `outcome` and move its contact on (once:

@@ -247,6 +247,7 @@ async def test_hundred_contacts_mixed_outcomes(tmp_path, audio):
     assert optouts <= set(dnc_numbers)
     types = [e.event_type for e in events]
     assert types.count("campaign.started") == 1 and types.count("campaign.completed") == 1
+    assert types.count("call.voicemail") == 20
     ended = [e.payload["data"]["call"] for e in events if e.event_type == "call.ended"]
     assert ended and all(c["campaign_id"] == campaign["id"] and c["contact_id"] for c in ended)
     print(
