@@ -68,3 +68,47 @@ async def test_two_dialers_one_database_dial_each_attempt_once(tmp_path, twilio_
     assert final["contacts"] == {"busy": 30} and final["attempts"] == 60
     assert sum(dials) == 60
     print(f"\ndials by instance: {dials}")
+
+
+async def test_the_process_cap_less_the_inbound_reserve_bounds_the_dialer(
+    tmp_path, twilio_emulator
+):
+    twilio_emulator.dial_plan = DialPlan(
+        app_base="http://127.0.0.1:9",
+        public_base="https://voice.example.test",
+        media_url="ws://127.0.0.1:9/twilio/media",
+        default=Answer("busy", ring_s=0.4),
+    )
+    settings = make_settings(
+        tmp_path,
+        TWILIO_API_BASE_URL=twilio_emulator.url,
+        CAMPAIGN_TICK_MS=20,
+        CAMPAIGN_LEASE_S=0.3,
+        MAX_CONCURRENT_CALLS=4,
+        CAMPAIGN_INBOUND_RESERVE=2,
+    )
+    async with running_app(settings) as (app, http):
+        agent = await create_agent(http, phone_number="+14155550100")
+        body = {
+            "name": "Capped",
+            "agent_id": agent["id"],
+            "max_concurrent_calls": 10,
+            "calls_per_second": 50,
+            "calling_window": {"days": [0, 1, 2, 3, 4, 5, 6], "start": "00:00", "end": "23:59"},
+            "retry_policy": {"busy": {"max_attempts": 1, "delay_seconds": 0}},
+        }
+        campaign = (await http.post("/v1/campaigns", json=body)).json()
+        csv_body = "phone,timezone\n" + "".join(f"+1415555{i:04d},Etc/GMT\n" for i in range(12))
+        files = {"file": ("c.csv", csv_body.encode(), "text/csv")}
+        await http.post(f"/v1/campaigns/{campaign['id']}/contacts", files=files)
+        await http.post(f"/v1/campaigns/{campaign['id']}/start")
+        peak = 0
+        async with asyncio.timeout(120):
+            for _ in range(6000):
+                peak = max(peak, app.state.admission.in_use())
+                state = (await http.get(f"/v1/campaigns/{campaign['id']}")).json()
+                if state["status"] == "completed":
+                    break
+                await asyncio.sleep(0.01)
+    assert state["stats"]["contacts"] == {"busy": 12}
+    assert peak == 2  # MAX_CONCURRENT_CALLS 4 less 2 kept for inbound, whatever the campaign allows
