@@ -1,9 +1,11 @@
 """Service settings, read from the environment and `.env` with pydantic-settings.
 
 Role: one `Settings` class; no instance is built at import time (tests build their own
-with a temporary database). Must not import any other project module.
+with a temporary database).
 
 Every field here has a line in `.env.example`; `tests/test_config.py` checks they agree.
+
+Of ours, imports only: nothing.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ starts (`runtime.services`), so nothing exists at import time and each test gets
 app and database.
 
 Run: `uvicorn main:create_app --factory` (see run.sh for the production flags).
+
+Must not import: sqlalchemy, twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from api import (
     agents,
     bookings,
     calls,
+    campaign_results,
     campaigns,
     dnc,
     health,
@@ -45,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_REQUEST_BYTES)
     # webhooks first: /v1/calls/export must not be taken for /v1/calls/{call_id}
-    routers = (webhooks, agents, calls, campaigns, dnc, knowledge, bookings, twilio, twilio_amd)
-    for module in (*routers, health):
+    routers = [webhooks, agents, calls, campaigns, campaign_results, dnc, knowledge, bookings]
+    for module in (*routers, twilio, twilio_amd, health):
         app.include_router(module.router)
     return app

@@ -1,7 +1,8 @@
 """SQLAlchemy 2 ORM tables. The schema itself is owned by the Alembic migrations in
 `migrations/versions`; `tests/test_db.py` checks the two agree.
 
-Must not import FastAPI, schemas or the pipeline.
+Must not import: fastapi, starlette, uvicorn, schemas, pipeline.
+Of ours, imports only: utils.
 """
 
 from __future__ import annotations
@@ -273,23 +274,6 @@ class WebhookAttempt(Base):
 
 # --- outbound campaigns -----------------------------------------------------------------
 
-CAMPAIGN_STATUSES = ("draft", "running", "paused", "completed", "cancelled")
-CONTACT_OPEN_STATES = frozenset({"pending", "dialing"})
-CONTACT_FINAL_STATES = frozenset(
-    {
-        "answered",
-        "voicemail",
-        "no_answer",
-        "busy",
-        "failed",
-        "invalid",
-        "opted_out",
-        "suppressed",
-        "expired",
-        "cancelled",
-    }
-)
-
 
 class Campaign(Base):
     __tablename__ = "campaigns"
@@ -319,7 +303,8 @@ class Campaign(Base):
 class CampaignContact(Base):
     """One number of a campaign, a small state machine: `pending` (due at
     `next_attempt_at`) -> `dialing` (claimed; `lease_until` says when to check on it) ->
-    `pending` again for a retry, or one of CONTACT_FINAL_STATES."""
+    `pending` again for a retry, or a final state (the outcome, `suppressed`, `expired`,
+    `cancelled`)."""
 
     __tablename__ = "campaign_contacts"
     __table_args__ = (

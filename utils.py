@@ -1,7 +1,9 @@
 """Small pure helpers: the G.711 mu-law codec, phone-number normalising, `{{variable}}`
-templating, ids and time. No I/O; must not import other project modules.
+templating, ids and time. No I/O.
 
 The codec uses numpy lookup tables rather than `audioop`, which Python 3.13 removed.
+
+Of ours, imports only: nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def _build_encode_table() -> np.ndarray:
     # exponent = position of the highest set bit among bits 7..14, minus 7
     exponent = np.clip(np.floor(np.log2(magnitude)).astype(np.int32) - 7, 0, 7)
     mantissa = (magnitude >> (exponent + 3)) & 0x0F
-    return ((~(sign | (exponent << 4) | mantissa)) & 0xFF).astype(np.uint8)
+    table: np.ndarray = ((~(sign | (exponent << 4) | mantissa)) & 0xFF).astype(np.uint8)
+    return table
 
 
 _DECODE = _build_decode_table()
@@ -61,10 +64,6 @@ def mulaw_to_float(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
     """mu-law bytes -> float32 samples in [-1, 1), the form VAD models take; written into
     `out` (float32, one element per byte) if given, which saves an array and a copy."""
     return _DECODE_FLOAT.take(np.frombuffer(data, dtype=np.uint8), out=out, mode="clip")
-
-
-def audio_seconds(n_bytes: int) -> float:
-    return n_bytes / SAMPLE_RATE
 
 
 # --- phone numbers ----------------------------------------------------------------------
@@ -93,10 +92,6 @@ def mask_phone(number: str | None) -> str:
 # --- templating -------------------------------------------------------------------------
 
 _VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-
-
-def template_variables(text: str) -> set[str]:
-    return set(_VARIABLE.findall(text or ""))
 
 
 def render_template(text: str, variables: dict[str, object]) -> str:

@@ -26,8 +26,9 @@ speech while the agent is audible pauses it at once (a `clear`); the transcript 
 decides: backchannel or noise resumes from the byte the caller last heard, anything else
 cancels the producer and the assistant turn keeps exactly what was heard.
 
-Must not import FastAPI, SQLAlchemy, a vendor SDK, `api/` or `store/`: the app reaches
-the pipeline only through `pipeline.contracts`.
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas.
 """
 
 from __future__ import annotations

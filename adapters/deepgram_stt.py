@@ -10,7 +10,8 @@ Event policy: empty *interim* Results are dropped (they carry nothing); every *f
 is delivered, empty or not, because `speech_final` / `from_finalize` on an empty final still
 ends a turn.
 
-Must not import FastAPI, SQLAlchemy or voice_pipeline.
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, chromadb, api, store, knowledge,
+tools, postcall, voice_pipeline, models.
 """
 
 from __future__ import annotations
@@ -23,18 +24,15 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-from deepgram import AsyncDeepgramClient, DeepgramClientEnvironment
+from deepgram import AsyncDeepgramClient
 from deepgram.core.api_error import ApiError
 from websockets.exceptions import WebSocketException
 
+from adapters.deepgram import SAMPLE_RATE, build_deepgram_client, listen_messages
 from config import Settings
 from pipeline.providers import Clock, SpeechStarted, STTError, STTEvent, Transcript, UtteranceEnd
 
 log = logging.getLogger("ai_sdr." + __name__)
-
-SAMPLE_RATE = 8000
-"""Twilio audio: mu-law, 8 kHz, mono, so one byte is one sample."""
 
 _SEND_ERRORS = (WebSocketException, OSError)
 _CONNECT_ERRORS = (ApiError, WebSocketException, OSError, TimeoutError)
@@ -77,33 +75,6 @@ class StreamPolicy:
     @property
     def buffer_bytes(self) -> int:
         return int(self.buffer_s * SAMPLE_RATE)
-
-
-def build_deepgram_client(settings: Settings, **kwargs: Any) -> AsyncDeepgramClient:
-    """One SDK client pointed at DEEPGRAM_BASE_URL for REST and its ws:// twin for sockets."""
-    environment = DeepgramClientEnvironment(
-        base=settings.DEEPGRAM_BASE_URL,
-        production=settings.deepgram_ws_base,
-        agent=settings.deepgram_ws_base,
-        agent_rest=settings.DEEPGRAM_BASE_URL,
-    )
-    client = AsyncDeepgramClient(
-        api_key=settings.DEEPGRAM_API_KEY, environment=environment, **kwargs
-    )
-    _freeze_headers(client)
-    return client
-
-
-def _freeze_headers(client: AsyncDeepgramClient) -> None:
-    """The SDK rebuilds its request headers for every request, reading its own version from
-    the package metadata each time (`importlib.metadata.version`: 2.5% of the event loop at
-    100 calls). They never change for a client: compute them once. The SDK reads them
-    through the wrapper's `get_headers`, which is what this replaces."""
-    wrapper = getattr(client, "_client_wrapper", None)
-    if wrapper is None:  # another SDK layout: keep its own behaviour
-        return
-    headers = dict(wrapper.get_headers())
-    wrapper.get_headers = lambda: dict(headers)
 
 
 class DeepgramSTT:
@@ -425,7 +396,7 @@ class DeepgramStream:
     async def _serve(self, conn: Any, offset_s: float) -> None:
         keepalive = asyncio.create_task(self._keepalive(conn), name="deepgram-keepalive")
         try:
-            async for message in _messages(conn):
+            async for message in listen_messages(conn):
                 event = self._to_event(message, offset_s)
                 if event is not None:
                     self._events.put_nowait(event)
@@ -474,30 +445,6 @@ class DeepgramStream:
             from_finalize=bool(message.get("from_finalize")),
             received_at=self._clock(),
         )
-
-
-async def _messages(conn: Any) -> AsyncIterator[dict[str, Any]]:
-    """The listen socket's JSON messages, as dicts. The SDK's own iterator builds each one
-    into a pydantic model by trying every member of its response union in turn; at 100 calls
-    that was 4-5% of the service's CPU for the five fields read here, so its socket's text
-    frames are parsed directly (orjson). Binary frames (none on listen) and anything that is
-    not a JSON object are skipped, as the SDK skips what it cannot parse."""
-    raw = getattr(conn, "_websocket", None)
-    if raw is None:  # an SDK without that attribute: take its models, as the wire's dicts
-        async for model in conn:
-            if hasattr(model, "model_dump"):
-                yield model.model_dump(by_alias=True)
-        return
-    async for frame in raw:
-        if isinstance(frame, bytes):
-            continue
-        try:
-            message = orjson.loads(frame)
-        except orjson.JSONDecodeError:
-            log.warning("deepgram listen: a message that is not JSON was skipped")
-            continue
-        if isinstance(message, dict):
-            yield message
 
 
 async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:

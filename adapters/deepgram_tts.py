@@ -7,7 +7,8 @@ header reaches Twilio) as they arrive. One retry when a request fails before any
 yielded; failures after audio started, or a second failure, raise `TTSError`. Closing the
 generator (barge-in) closes the HTTP response.
 
-Must not import FastAPI, SQLAlchemy or voice_pipeline.
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, chromadb, api, store, knowledge,
+tools, postcall, voice_pipeline, models.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from deepgram.core.parse_error import ParsingError
 from deepgram.speak.v1.types import SpeakV1Text
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from adapters.deepgram_stt import SAMPLE_RATE, build_deepgram_client
+from adapters.deepgram import SAMPLE_RATE, build_deepgram_client, raw_socket
 from adapters.http import provider_http_options
 from config import Settings
 from pipeline.providers import TTSError
@@ -124,7 +125,7 @@ class _SpeakSocket:
 
     @property
     def closed(self) -> bool:
-        raw = getattr(self.conn, "_websocket", None)
+        raw = raw_socket(self.conn)
         return raw is not None and getattr(raw, "close_code", None) is not None
 
     def has_flush_room(self, now: float, limit: int, window_s: float) -> bool:
@@ -443,7 +444,7 @@ def _kind(message: Any) -> str | None:
     B6), so only the `type` field tells them apart."""
     if isinstance(message, bytes | bytearray):
         return None
-    return _field(message, "type")
+    return cast(str | None, _field(message, "type"))
 
 
 def _field(message: Any, name: str) -> Any:

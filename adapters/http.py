@@ -5,6 +5,10 @@ once instead of waiting for a garbage collection.
 Checked against httpx 0.28.1 and httpx-aiohttp 0.1.12 (see `_ProviderTransport`); with
 another version the plain `httpx.AsyncHTTPTransport` is the fallback that behaves the same,
 at about three times the CPU per streamed request.
+
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, chromadb, api, store, knowledge,
+tools, postcall, voice_pipeline, models.
+Of ours, imports only: nothing.
 """
 
 from __future__ import annotations

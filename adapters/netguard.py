@@ -9,7 +9,9 @@ Two layers, because a hostname can resolve differently later (DNS rebinding):
   the request if any address is not public, and connects to the address it checked (the
   TLS name stays the original host through httpx's `sni_hostname` extension).
 
-Must not import FastAPI, SQLAlchemy or other project modules.
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, chromadb, api, store, knowledge,
+tools, postcall, voice_pipeline, models.
+Of ours, imports only: nothing.
 """
 
 from __future__ import annotations

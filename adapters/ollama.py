@@ -12,7 +12,8 @@ post-call analysis, and a health probe. Maps every client, HTTP and timeout fail
 The streaming generator always closes its HTTP response on exit, so a barge-in stops
 generation on the server (a bare `break` would leave it running: PROTOCOLS C6).
 
-Must not import FastAPI, SQLAlchemy or voice_pipeline.
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, chromadb, api, store, knowledge,
+tools, postcall, voice_pipeline, models.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class OllamaLLM:
         self._health_timeout_s = health_timeout_s
 
     async def aclose(self) -> None:
-        await self._client.close()
+        # ollama 0.6.3 leaves AsyncClient.close() unannotated
+        await self._client.close()  # type: ignore[no-untyped-call]
 
     async def stream_chat(
         self,

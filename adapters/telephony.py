@@ -1,7 +1,9 @@
 """Twilio at the edge: TwiML builders, `X-Twilio-Signature` validation and a small REST
 gateway on the twilio SDK's async client.
 
-Must not import FastAPI routes, SQLAlchemy or the pipeline.
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, chromadb, api, store, knowledge,
+tools, postcall, voice_pipeline, models, pipeline.
+Of ours, imports only: nothing.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ dialling it) until its media stream ends. Until the stream starts the slot is a
 reservation, which lapses after `hold_s` (the stream never came: the callee did not answer,
 Twilio failed) or when a status callback says the call ended.
 
-Must not import FastAPI, SQLAlchemy or the pipeline.
+Must not import: twilio, deepgram, ollama, chromadb, fastapi, starlette, sqlalchemy,
+pipeline, voice_pipeline.
 """
 
 from __future__ import annotations

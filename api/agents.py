@@ -1,4 +1,7 @@
-"""`/v1/agents`: create, list, read, update and delete the agents a CRM configures."""
+"""`/v1/agents`: create, list, read, update and delete the agents a CRM configures.
+
+Must not import: twilio, deepgram, ollama, chromadb.
+"""
 
 from __future__ import annotations
 

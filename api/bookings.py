@@ -1,6 +1,8 @@
 """`/v1/bookings`: meetings the agents booked during calls, as JSON and as iCalendar files.
 
-Bookings are created by the `book_meeting` tool (tools.py), never through this API.
+Bookings are created by the `book_meeting` tool (`tools.runner`), never through this API.
+
+Must not import: twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations

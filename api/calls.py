@@ -1,5 +1,8 @@
 """`/v1/calls`: place an outbound call (with an optional `Idempotency-Key`; never to a number
-on the do-not-call list), list and read calls with their transcripts, end a live call."""
+on the do-not-call list), list and read calls with their transcripts, end a live call.
+
+Must not import: twilio, deepgram, ollama, chromadb.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 the app's services, the API key check, pagination and one `get_or_404`.
 
 Routers take what they need from here and never read `app.state` themselves.
+
+Must not import: twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from api.errors import APIError, not_found
 from config import Settings
 from models import Agent
 from pipeline.metrics import PipelineMetrics
-from store.calls import SqlCallStore
 from store.db import Database
 
 _bearer = HTTPBearer(auto_error=False)
@@ -67,14 +68,6 @@ def get_metrics(request: Request) -> PipelineMetrics:
 
 
 MetricsDep = Annotated[PipelineMetrics, Depends(get_metrics)]
-
-
-def get_call_store(request: Request) -> SqlCallStore:
-    store: SqlCallStore = request.app.state.call_store
-    return store
-
-
-CallStoreDep = Annotated[SqlCallStore, Depends(get_call_store)]
 
 
 def require_api_key(

@@ -2,6 +2,8 @@
 column, an optional `reason`), list them, remove them. A number on it is never dialed:
 `POST /v1/calls` answers 409 `dnc`, campaigns import it as `suppressed` and the dialer
 suppresses pending contacts it reaches.
+
+Must not import: twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from starlette.datastructures import UploadFile
 from api.deps import PageDep, SessionDep, SettingsDep, page_of, paginate, require_api_key
 from api.errors import APIError, not_found
 from campaigns.contacts import ImportError_, parse_csv
-from campaigns.dnc import add_to_dnc, normalise
+from campaigns.schemas import DncIn, DncRead
 from models import DncEntry
-from schemas import DncIn, DncRead, Page
+from schemas import Page
+from tools.dnc import add_to_dnc, normalise
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["dnc"])
 

@@ -1,7 +1,7 @@
 """The API's error shape and the handlers that keep every failure a clear JSON 4xx/5xx:
 `{"error": {"code", "message", "field"}}`. Validation errors name the offending field.
 
-Must not import routes, SQLAlchemy or the pipeline.
+Must not import: twilio, deepgram, ollama, chromadb, sqlalchemy, pipeline, voice_pipeline.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""`/health` (the parts and the live calls) and `/metrics` (Prometheus text)."""
+"""`/health` (the parts and the live calls) and `/metrics` (Prometheus text).
+
+Must not import: twilio, deepgram, ollama, chromadb.
+"""
 
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
 """`Idempotency-Key` for create routes: the same key with the same body gives the stored
 result again (nothing is done twice); with a different body, a 409.
 
-Must not import routers, the pipeline or vendor SDKs.
+Must not import: twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any
+from typing import Annotated, Protocol, TypeVar
 
 from fastapi import Header
 from pydantic import BaseModel
@@ -25,7 +25,14 @@ def request_hash(body: BaseModel) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def replay(row: Any, digest: str) -> Any:
+class _Keyed(Protocol):
+    request_hash: str | None
+
+
+Row = TypeVar("Row", bound=_Keyed)
+
+
+def replay(row: Row, digest: str) -> Row:
     """The row stored under the key, if this request is its repeat; 409 if the key was
     used for another request."""
     if row.request_hash != digest:

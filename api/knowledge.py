@@ -4,6 +4,8 @@ debug search that shows what retrieval would put in the LLM context.
 Uploads are multipart (`file`, optional `title`) or JSON (`{"text", "filename", "title"}`).
 The body is read through a counter that stops at MAX_DOCUMENT_BYTES (plus multipart
 framing), so an oversize upload is refused without being read to its end.
+
+Must not import: twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ _UPLOAD_BODY: dict[str, Any] = {
 
 
 def get_knowledge(request: Request) -> KnowledgeBase:
-    knowledge = getattr(request.app.state, "knowledge", None)
+    knowledge: KnowledgeBase | None = getattr(request.app.state, "knowledge", None)
     if knowledge is None:
         raise APIError(503, "knowledge_unavailable", "the knowledge base is not available")
     return knowledge

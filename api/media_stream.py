@@ -12,6 +12,8 @@ A malformed message (oversize, not JSON, not an object, bad base64) is counted i
 `malformed_messages` and ignored; unknown events are ignored silently.
 
 Must not import voice_pipeline, store/, SQLAlchemy or a vendor SDK.
+
+Must not import: twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations

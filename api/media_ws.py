@@ -19,6 +19,14 @@ splits the stream into frames itself. The common frame, a whole masked text mess
 extension bits, is unmasked (websockets' C `apply_mask`) and handed to the sink; any other
 frame (control frames, fragments, binary, compressed, oversize, unmasked) is fed whole to
 websockets' parser, which handles it as before and so always sees whole frames.
+
+Private internals, checked against uvicorn 0.54.0 and websockets 17.4: uvicorn's protocol
+state (`queue`, `frames`, `curr_msg_data_type`, `read_paused`, `handle_parser_exception`) and
+websockets' parser (`conn.parser` waiting in `StreamReader.at_eof`, `reader.buffer`,
+`current_size`). Fallback: `--ws websockets-sansio`; the app then reads every message
+through ASGI `receive()`, with the same behaviour at about 15 us more CPU per message.
+
+Must not import: twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations

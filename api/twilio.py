@@ -4,6 +4,8 @@ and JSON codec: `api.media_stream`).
 
 Every request is authenticated by `X-Twilio-Signature` against the public URL (Twilio signs
 what it requested, not what a proxy forwards to us); a forged one gets 403 and changes nothing.
+
+Must not import: twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations

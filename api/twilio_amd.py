@@ -7,6 +7,8 @@ A call with its media stream live in this process hears of it through its sessio
 own voice after the beep (or just hang up) with `ended_reason` `voicemail`, `fax` hangs up.
 A call with no live session here (its stream not up yet) is ended through Twilio
 instead: redirected to TwiML that says the message and hangs up, or hung up.
+
+Must not import: twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """The `/v1` routes for webhook deliveries (the delivery log and redelivery) and for exports
 (one call's transcript; calls as CSV for CRM imports). Bearer API key on every route.
 
-Include this router before `routes_v1`: `/v1/calls/export` would otherwise be read as
+Include this router before `api.calls`: `/v1/calls/export` would otherwise be read as
 `/v1/calls/{call_id}`.
 
 The calls export is streamed in keyset-paginated batches, each read in its own short
 session, so neither the export nor a slow client holds memory or a database snapshot open.
+
+Must not import: twilio, deepgram, ollama, chromadb.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from api.deps import PageDep, SessionDep, paginate, require_api_key
 from api.errors import APIError, not_found
 from models import Agent, Call, WebhookAttempt, WebhookEvent
+from postcall.dispatcher import DeliveryStatus, redeliver
 from postcall.report import SPEAKERS, iso, load_turns, transcript_text, turn_record
-from postcall.webhooks import DeliveryStatus, redeliver
 from schemas import Page
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])

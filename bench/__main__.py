@@ -6,6 +6,8 @@
 The emulators and the service each run in their own subprocess; this process is the load
 generator (N TwilioCaller slots over real sockets). Prints a table and writes the whole
 report as JSON to bench/results/<UTC timestamp>.json. See BENCHMARKS.md for definitions.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations
@@ -23,21 +25,9 @@ from typing import Any
 from bench.runner import RunConfig, run_sync
 from bench.script import SCRIPTS, Providers, emulator_config
 from bench.stack import BenchStack, pin_process
-from bench.targets import table
+from bench.targets import passes, table
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SWEEP_TARGETS = {
-    "calls completed (all)",
-    "inbound frames dropped",
-    "outbound jitter p99 ms",
-    "playout underruns",
-    "barge-in p95 ms",
-    "barge-ins missed",
-    "false interruptions",
-}
-"""What bounds N in a sweep: the call still works (every frame heard, barge-in on time, no
-false interruption, smooth playout with no gap in an answer). Latency budgets and per-core
-capacity are reported for every step but do not bound N (see BENCHMARKS.md)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,7 +88,9 @@ def providers_from(args: argparse.Namespace) -> Providers:
     )
 
 
-def measure(stack: BenchStack, config: RunConfig, providers: Providers, args) -> dict[str, Any]:
+def measure(
+    stack: BenchStack, config: RunConfig, providers: Providers, args: argparse.Namespace
+) -> dict[str, Any]:
     """One run, under py-spy if asked."""
     spy = None
     if args.py_spy:
@@ -127,10 +119,6 @@ def measure(stack: BenchStack, config: RunConfig, providers: Providers, args) ->
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes the profile and exits
             spy.wait(60)
-
-
-def passes(result: dict[str, Any]) -> bool:
-    return all(t["met"] for t in result["targets"] if t["target"] in SWEEP_TARGETS)
 
 
 def sweep(stack: BenchStack, args: argparse.Namespace, providers: Providers) -> dict[str, Any]:

@@ -3,13 +3,15 @@
 - the floor: how much longer than configured the LLM's first token and the TTS's first
   byte take when asked directly from this process (idle, loopback, before the load), with
   a bare HTTP/1.1 client on an open socket. An HTTP library's own time would count here
-  otherwise: httpx took about 3.5 ms more than a bare socket per request (BENCHMARKS.md,
-  eighth round);
+  otherwise: httpx took about 3.5 ms more than a bare socket per request
+  (docs/benchmark-history.md, eighth round);
 - the lateness under load: each request's own timing as the emulators recorded it during
   the run (`GET /emulator/timings`), read afterwards.
 
 Both are reported beside the pipeline overhead, which counts them as overhead: part of what
 the service appears to add is the emulators' scheduling and HTTP.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import httpx
@@ -85,7 +88,9 @@ async def _tts_ms(stack: BenchStack) -> float:
     )
 
 
-async def emulator_floor(stack: BenchStack, providers: Providers, rounds: int = 8) -> dict:
+async def emulator_floor(
+    stack: BenchStack, providers: Providers, rounds: int = 8
+) -> dict[str, Any]:
     """Extra ms beyond the configured TTFT and TTS first byte, measured directly."""
     llm, tts = [], []
     for i in range(rounds + 1):
@@ -100,12 +105,14 @@ TIMED = {"llm": "ollama", "tts": "deepgram"}
 """Timings key -> the emulator serving it."""
 
 
-async def emulator_timings(stack: BenchStack, since: float, until: float) -> dict[str, list]:
+async def emulator_timings(
+    stack: BenchStack, since: float, until: float
+) -> dict[str, list[dict[str, Any]]]:
     """The requests each emulator received in [since, until] (`time.monotonic()`, the same
     clock in every process) that sent their first token / audio byte:
     {"llm": [{"received", "first", "configured_ms"}, ...], "tts": [...]}."""
     params = {"since": repr(since), "until": repr(until)}
-    out: dict[str, list] = {}
+    out: dict[str, list[dict[str, Any]]] = {}
     async with httpx.AsyncClient(timeout=30) as client:
         for key, emulator in TIMED.items():
             url = stack.emulator_urls[emulator] + TIMINGS_PATH

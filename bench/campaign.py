@@ -19,6 +19,8 @@ first time (answered on the retry). Reports:
 - the peak of calls in flight at the emulator.
 
 Writes the report as JSON to bench/results/campaign-<UTC timestamp>.json.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations

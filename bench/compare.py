@@ -5,7 +5,8 @@ one row per run, for A/B comparisons. A sweep's report gives one row per step (`
     .venv/bin/python -m bench.compare --markdown bench/results/s12-sweep.json
 
 Reports from earlier rounds lack some figures (steal, pinning, peak CPU): those cells are "-".
-Imports nothing of ours but the bench's report reader.
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
+Of ours, imports only: bench.targets.
 """
 
 from __future__ import annotations

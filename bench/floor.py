@@ -13,9 +13,12 @@ audio work, in three servers of increasing depth:
 N connections each send a Twilio-shaped `media` message (20 ms of mu-law) every 20 ms on an
 absolute clock for `--seconds`; each server runs in its own process, and its CPU
 (utime + stime from /proc) is divided by the messages sent. The service does all of `asgi`
-and then its audio work, so `direct` is a floor under its CPU per call (BENCHMARKS.md).
+and then its audio work, so `direct` is a floor under its CPU per call
+(docs/benchmark-history.md, seventh and eighth rounds).
 
     .venv/bin/python -m bench.floor --calls 100 --seconds 15
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@
    embedding, HNSW search, metadata fetch) and of the query embedding alone.
 3. The same searches while another document of `--batch` * 8 chunks is being ingested, as
    when an upload lands during live calls.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations

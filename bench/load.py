@@ -4,6 +4,8 @@ back over real sockets until the run's duration is over.
 A call is what Twilio would do: a signed POST to /twilio/voice (the call id comes back in
 the TwiML <Parameter>), then a Media Stream (TwilioCaller) to /twilio/media with that call
 id, then the call record is read back from GET /v1/calls/{id}.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ class CallRefused(RuntimeError):
 
 REDIAL_AFTER_S = 30.0
 """A caller who got a busy signal calls again this much later. (Each refusal costs the
-service about 8 ms of CPU, BENCHMARKS.md, seventh round: a storm of redials every few
-seconds would itself load it.)"""
+service about 8 ms of CPU, docs/benchmark-history.md, seventh round: a storm of redials
+every few seconds would itself load it.)"""
 
 
 @dataclass
@@ -102,7 +104,9 @@ async def answer_inbound(http: httpx.AsyncClient, call_sid: str) -> str:
     return match.group(1)
 
 
-async def settled_detail(http: httpx.AsyncClient, call_id: str, wait_s: float = 15.0) -> dict:
+async def settled_detail(
+    http: httpx.AsyncClient, call_id: str, wait_s: float = 15.0
+) -> dict[str, Any]:
     """The call record once the pipeline has recorded its end (or as it is after wait_s)."""
     deadline = time.monotonic() + wait_s
     while True:

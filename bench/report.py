@@ -32,6 +32,8 @@ Definitions (all times in ms):
   LEAD_S before it plays). Jitter is the change in lateness between consecutive
   clock-paced frames (= inter-arrival deviation from the frame length); an underrun is a
   frame that arrives after the caller's buffer ran dry, within a continuing answer.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations
@@ -190,7 +192,9 @@ def overhead_net_of_lateness(server: dict[str, Any], lateness: dict[str, Any]) -
 # --- callers --------------------------------------------------------------------------------
 
 
-def _segment_values(result: CallerResult, values: list[float | None], labels: Iterable[str]):
+def _segment_values(
+    result: CallerResult, values: list[float | None], labels: Iterable[str]
+) -> list[float | None]:
     wanted = set(labels)
     return [
         None if v is None else v * 1000

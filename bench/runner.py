@@ -1,6 +1,8 @@
 """One benchmark run against a started BenchStack: an optional warm-up call, the idle
 reading, N concurrent call slots for the duration while the server's memory is sampled,
 then the report dict (figures, resources, targets).
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from bench import report
 from bench.calibrate import emulator_floor, emulator_timings
 from bench.load import (
+    CallOutcome,
     LoadPlan,
     api_client,
     create_agent,
@@ -184,7 +187,7 @@ async def run_once(stack: BenchStack, config: RunConfig, providers: Providers) -
 
 
 def resources(
-    before: Readings, after: Readings, sampler: PeakSampler, idle_rate: float, calls: dict
+    before: Readings, after: Readings, sampler: PeakSampler, idle_rate: float, calls: dict[str, Any]
 ) -> dict[str, Any]:
     """Service CPU and memory per call, and what else used the machine meanwhile."""
     wall_s = after.server.at - before.server.at
@@ -251,7 +254,7 @@ def server_pid(stack: BenchStack) -> int:
 
 
 def _figures(
-    outcomes: list[report.CallOutcome],
+    outcomes: list[CallOutcome],
     script: CallScript,
     providers: Providers,
     calls: dict[str, Any],
@@ -268,7 +271,9 @@ def _figures(
     }
 
 
-def run_sync(stack: BenchStack, config: RunConfig, providers: Providers, warm: bool) -> dict:
+def run_sync(
+    stack: BenchStack, config: RunConfig, providers: Providers, warm: bool
+) -> dict[str, Any]:
     """Run (after a warm-up call) on a fresh event loop, uvloop when available."""
 
     async def main() -> dict[str, Any]:
@@ -277,7 +282,8 @@ def run_sync(stack: BenchStack, config: RunConfig, providers: Providers, warm: b
             await warm_up(stack, SCRIPTS[config.script])
         return await run_once(stack, config, providers)
 
-    return _run(main())
+    figures: dict[str, Any] = _run(main())
+    return figures
 
 
 def _run(coro: Any) -> Any:

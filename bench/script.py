@@ -18,6 +18,8 @@ The short script (smoke runs) is the greeting, turn 1 with a short answer, and t
 
 Imports emulators (audio, timeline actions, token splitting) and the pipeline's sentence
 chunker (to know how many tokens the first spoken chunk needs); nothing else of ours.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations

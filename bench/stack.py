@@ -5,7 +5,8 @@ memory.
     with BenchStack(providers, workdir) as stack:
         stack.server.pid, stack.base_url, stack.ws_url, stack.emulator_urls
 
-Imports nothing of ours: it starts `python -m emulators` and `python -m uvicorn main:...`.
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
+Of ours, imports only: nothing.
 """
 
 from __future__ import annotations

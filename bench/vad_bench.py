@@ -9,6 +9,8 @@
    possible (all calls' frames of one 20 ms tick submitted together): CPU per call.
 4. The same N streams paced in real time with random frame phases, each call its own task:
    CPU use, batch sizes and the wall time from a frame's arrival to its VAD result.
+
+Must not import: fastapi, sqlalchemy, store, tools, postcall.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -96,7 +99,7 @@ class RunFigures:
     max_batch: int
 
 
-async def run_fast(scripts: list[list[bytes]], batcher: VADBatcher, **options) -> RunFigures:
+async def run_fast(scripts: list[list[bytes]], batcher: VADBatcher, **options: Any) -> RunFigures:
     streams = [VADStream(batcher, **options) for _ in scripts]
     wall, cpu = time.perf_counter(), time.process_time()
     for step in zip(*scripts, strict=True):

@@ -2,5 +2,6 @@
 windows (`window`), retry policy and outcomes (`policy`), contact import (`contacts`),
 counters, lifecycle and the call hook (`service`), and the durable dialer (`dialer`).
 
-Must not import FastAPI, routes or voice_pipeline.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb.
 """

@@ -8,7 +8,8 @@ CSV: a header row; a `phone` column (or `phone_number`, `number`, `to`); an opti
 `timezone` column; `metadata.<key>` columns go to the contact's metadata; every other
 column becomes a `{{variable}}`.
 
-Must not import FastAPI, routes or voice_pipeline.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ process's `MAX_CONCURRENT_CALLS` less `CAMPAIGN_INBOUND_RESERVE` (through `CallA
 each contact's retry delay and attempt limit, and no number with two calls at once across
 campaigns. The clock is injected (`CampaignEvents.clock`), so window tests need no waiting.
 
-Must not import FastAPI, routes or voice_pipeline.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb.
 """
 
 from __future__ import annotations
@@ -33,20 +34,19 @@ import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from adapters.telephony import TelephonyError, TwilioGateway, stream_twiml
-from api.admission import OUTBOUND_HOLD_S, CallAdmission
-from campaigns.policy import outcome_of, outcome_of_error
+from campaigns.policy import outcome_of_error
+from campaigns.reconcile import Reconciler
 from campaigns.service import CampaignEvents
 from campaigns.window import CallingWindow
 from config import Settings
 from models import (
-    TERMINAL_STATUSES,
     Agent,
     Call,
     Campaign,
@@ -59,9 +59,6 @@ from utils import mask_phone, new_id
 
 log = logging.getLogger("ai_sdr.dialer")
 
-NOT_DIALED = "not_dialed"
-"""`last_outcome` of a claim whose dial never reached Twilio (the process died first)."""
-
 
 @dataclass(slots=True)
 class _Claimed:
@@ -70,6 +67,16 @@ class _Claimed:
     call_id: str
     attempt: int
     at: datetime
+
+
+class CallSlots(Protocol):
+    """The process's call slots (`api.admission.CallAdmission`)."""
+
+    limit: int
+
+    def try_admit(self, call_id: str, hold_s: float) -> bool: ...
+    def release(self, call_id: str) -> None: ...
+    def in_use(self) -> int: ...
 
 
 class Dialer:
@@ -81,11 +88,15 @@ class Dialer:
         sessionmaker: async_sessionmaker[AsyncSession],
         twilio: TwilioGateway,
         settings: Settings,
-        admission: CallAdmission,
+        admission: CallSlots,
         events: CampaignEvents,
         hook: CallHook,
         live: Callable[[], Collection[str]],
+        *,
+        ring_hold_s: float,
     ) -> None:
+        """`ring_hold_s`: how long a dialed call holds its process slot before its stream
+        starts (`api.admission.OUTBOUND_HOLD_S`)."""
         self.sessionmaker = sessionmaker
         self.twilio = twilio
         self.settings = settings
@@ -95,13 +106,28 @@ class Dialer:
         self.live = live
         self.tick_s = settings.CAMPAIGN_TICK_MS / 1000
         self.lease = timedelta(seconds=settings.CAMPAIGN_LEASE_S)
-        self.statements = 0
-        """Database statements this dialer ran (for the benchmark)."""
+        self.ring_hold_s = ring_hold_s
+        self._statements = 0
         self.dials = 0
         self._wake = asyncio.Event()
         self._dials = TaskSet("campaign-dial")
         self._task: asyncio.Task[None] | None = None
         events.wake_dialer = self.wake
+        self.reconciler = Reconciler(
+            sessionmaker,
+            twilio,
+            events,
+            hook,
+            lease=self.lease,
+            live=live,
+            release=admission.release,
+            wake=self.wake,
+        )
+
+    @property
+    def statements(self) -> int:
+        """Database statements the dialer ran (for the benchmark)."""
+        return self._statements + self.reconciler.statements
 
     @property
     def clock(self) -> Callable[[], datetime]:
@@ -139,7 +165,7 @@ class Dialer:
     async def tick(self) -> None:
         now = self.clock()
         async with self.sessionmaker() as session:
-            self.statements += 1
+            self._statements += 1
             running = list(
                 await session.scalars(select(Campaign).where(Campaign.status == "running"))
             )
@@ -147,13 +173,13 @@ class Dialer:
             if campaign.start_at is not None and campaign.start_at > now:
                 continue
             await self._campaign_pass(campaign, now)
-        await self.reconcile(now)
+        await self.reconciler.reconcile(now, dialing=self._dials.keys())
 
     async def _campaign_pass(self, campaign: Campaign, now: datetime) -> None:
         if campaign.end_at is not None and now >= campaign.end_at:
             await self._expire(campaign.id, now)
         async with self.sessionmaker() as session:
-            self.statements += 1
+            self._statements += 1
             counts = dict(
                 (
                     await session.execute(
@@ -203,7 +229,7 @@ class Dialer:
         slots: int,
     ) -> list[_Claimed]:
         async with self.sessionmaker() as session, session.begin():
-            self.statements += 1
+            self._statements += 1
             busy = aliased(CampaignContact)
             candidates = list(
                 await session.execute(
@@ -230,7 +256,7 @@ class Dialer:
             if not chosen:
                 return []
             # pacing slots first: a replica that lost this race claims nothing
-            self.statements += 2
+            self._statements += 2
             moved = await session.execute(
                 update(Campaign)
                 .where(
@@ -270,7 +296,7 @@ class Dialer:
             claimed: list[_Claimed] = []
             for index, row in enumerate(sorted(rows, key=lambda r: chosen.index(r.id))):
                 call_id = new_id("call")
-                if agent is None or not self.admission.try_admit(call_id, OUTBOUND_HOLD_S):
+                if agent is None or not self.admission.try_admit(call_id, self.ring_hold_s):
                     await self._unclaim(session, row.id)
                     continue
                 session.add(self._call_row(campaign, agent, row, call_id))
@@ -285,7 +311,7 @@ class Dialer:
                 )
                 at = base + timedelta(seconds=interval * index)
                 claimed.append(_Claimed(row.id, row.phone, call_id, row.attempts, at))
-            self.statements += 2 * len(claimed)
+            self._statements += 2 * len(claimed)
         return claimed
 
     def _call_row(self, campaign: Campaign, agent: Agent, row: Any, call_id: str) -> Call:
@@ -331,7 +357,7 @@ class Dialer:
             values = {"state": "expired", "next_attempt_at": None}
         else:
             values = {"next_attempt_at": opens}
-        self.statements += 1
+        self._statements += 1
         await session.execute(
             update(CampaignContact)
             .where(CampaignContact.id == contact_id, CampaignContact.state == "pending")
@@ -369,7 +395,7 @@ class Dialer:
             self.admission.release(item.call_id)
             raise
         async with self.sessionmaker() as session, session.begin():
-            self.statements += 2
+            self._statements += 2
             await session.execute(
                 update(Call)
                 .where(Call.id == item.call_id, Call.twilio_call_sid.is_(None))
@@ -391,7 +417,7 @@ class Dialer:
             outcome,
         )
         async with self.sessionmaker() as session, session.begin():
-            self.statements += 4
+            self._statements += 4
             call = await session.get(Call, item.call_id)
             if call is None:
                 return
@@ -405,7 +431,7 @@ class Dialer:
 
     async def _complete(self, campaign_id: str) -> None:
         async with self.sessionmaker() as session, session.begin():
-            self.statements += 1
+            self._statements += 1
             done = await session.execute(
                 update(Campaign)
                 .where(Campaign.id == campaign_id, Campaign.status == "running")
@@ -422,7 +448,7 @@ class Dialer:
 
     async def _expire(self, campaign_id: str, now: datetime) -> None:
         async with self.sessionmaker() as session, session.begin():
-            self.statements += 1
+            self._statements += 1
             await session.execute(
                 update(CampaignContact)
                 .where(
@@ -432,127 +458,3 @@ class Dialer:
                 .values(state="expired", next_attempt_at=None, updated_at=now)
                 .execution_options(synchronize_session=False)
             )
-
-    async def reconcile(self, now: datetime) -> None:
-        """Dialing contacts whose lease lapsed: find out from Twilio what their call did."""
-        async with self.sessionmaker() as session:
-            self.statements += 1
-            lapsed = list(
-                await session.execute(
-                    select(CampaignContact.id, CampaignContact.phone, CampaignAttempt)
-                    .join(
-                        CampaignAttempt,
-                        and_(
-                            CampaignAttempt.contact_id == CampaignContact.id,
-                            CampaignAttempt.number == CampaignContact.attempts,
-                        ),
-                    )
-                    .where(CampaignContact.state == "dialing", CampaignContact.lease_until <= now)
-                    .limit(50)
-                )
-            )
-        live = set(self.live())
-        for contact_id, phone, attempt in lapsed:
-            if attempt.call_id and (attempt.call_id in live or attempt.call_id in self._dials):
-                await self._extend(contact_id, now)
-                continue
-            try:
-                await self._reconcile_one(contact_id, phone, attempt, now)
-            except TelephonyError as exc:
-                log.warning("reconcile %s: Twilio unreachable (%s)", attempt.call_id, exc.code)
-                await self._extend(contact_id, now)
-
-    async def _extend(self, contact_id: str, now: datetime) -> None:
-        async with self.sessionmaker() as session, session.begin():
-            self.statements += 1
-            await session.execute(
-                update(CampaignContact)
-                .where(CampaignContact.id == contact_id, CampaignContact.state == "dialing")
-                .values(lease_until=now + self.lease)
-                .execution_options(synchronize_session=False)
-            )
-
-    async def _reconcile_one(
-        self, contact_id: str, phone: str, attempt: CampaignAttempt, now: datetime
-    ) -> None:
-        sid = attempt.twilio_call_sid
-        if sid is None:
-            found = await self.twilio.find_calls(
-                to=phone, since=attempt.started_at - timedelta(seconds=5)
-            )
-            known = await self._known_sids([c.sid for c in found])
-            adopted = next((c for c in found if c.sid not in known), None)
-            if adopted is None:
-                await self._not_dialed(contact_id, attempt)
-                return
-            sid = adopted.sid
-        fetched = await self.twilio.fetch_call(sid)
-        async with self.sessionmaker() as session, session.begin():
-            self.statements += 3
-            call = await session.get(Call, attempt.call_id) if attempt.call_id else None
-            if call is None:
-                return
-            if call.twilio_call_sid is None:
-                call.twilio_call_sid = sid
-                await session.execute(
-                    update(CampaignAttempt)
-                    .where(CampaignAttempt.id == attempt.id)
-                    .values(twilio_call_sid=sid)
-                )
-            if fetched.answered_by and not call.answered_by:
-                call.answered_by = fetched.answered_by
-            if fetched.status not in TERMINAL_STATUSES and call.status not in TERMINAL_STATUSES:
-                await session.execute(
-                    update(CampaignContact)
-                    .where(CampaignContact.id == contact_id, CampaignContact.state == "dialing")
-                    .values(lease_until=now + self.lease)
-                )
-                return
-            self.admission.release(call.id)
-            if fetched.status == "completed" and (fetched.duration or 0) > 0:
-                apply_status(call, "in-progress")  # Twilio says it was answered
-            if apply_status(call, fetched.status, duration=fetched.duration):
-                call.ended_reason = call.ended_reason or "customer-ended-call"
-                await session.flush()
-                await self.hook(session, call, "call.ended")  # closes the attempt too
-            await self.events.record_outcome(session, call.id, outcome_of(call))
-        log.info("reconciled campaign call %s from Twilio: %s", attempt.call_id, fetched.status)
-
-    async def _known_sids(self, sids: list[str]) -> set[str]:
-        if not sids:
-            return set()
-        async with self.sessionmaker() as session:
-            self.statements += 1
-            return set(
-                await session.scalars(
-                    select(Call.twilio_call_sid).where(Call.twilio_call_sid.in_(sids))
-                )
-            )
-
-    async def _not_dialed(self, contact_id: str, attempt: CampaignAttempt) -> None:
-        """Twilio never got the dial: the contact goes back to the queue (the attempt
-        still counts, so the limit holds however often this happens)."""
-        async with self.sessionmaker() as session, session.begin():
-            self.statements += 3
-            await session.execute(
-                update(CampaignAttempt)
-                .where(CampaignAttempt.id == attempt.id, CampaignAttempt.outcome.is_(None))
-                .values(outcome=NOT_DIALED, ended_at=self.clock())
-            )
-            call = await session.get(Call, attempt.call_id) if attempt.call_id else None
-            if call is not None and call.status not in TERMINAL_STATUSES:
-                call.status, call.ended_reason = "failed", "not-dialed"
-                call.ended_at = self.clock()
-            await session.execute(
-                update(CampaignContact)
-                .where(CampaignContact.id == contact_id, CampaignContact.state == "dialing")
-                .values(
-                    state="pending",
-                    lease_until=None,
-                    last_outcome=NOT_DIALED,
-                    next_attempt_at=self.clock(),
-                )
-            )
-        if attempt.call_id:
-            self.admission.release(attempt.call_id)
-        self.wake()

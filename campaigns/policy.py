@@ -1,8 +1,10 @@
 """Outcomes and the retry policy: what one attempt's call came to, and what the contact
 does next (dial again after a delay, or end in a final state).
 
-Pure: must not import SQLAlchemy sessions, FastAPI or the pipeline (it reads a `Call`'s
-fields only).
+Pure: it reads a `Call`'s fields only.
+
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from models import Call
 from pipeline.voicemail import VOICEMAIL
+from tools.dnc import OPTED_OUT
 
 RETRYABLE = ("no_answer", "busy", "failed", "voicemail")
 OUTCOMES = ("answered", *RETRYABLE, "invalid", "opted_out")
@@ -28,9 +31,6 @@ before the next."""
 
 INVALID_NUMBER_CODES = frozenset({13223, 13224, 21211, 21214, 21217, 21401, 21407, 21612})
 """Twilio errors that mean the number itself cannot be called."""
-
-OPTED_OUT = "opted-out"
-"""`ended_reason` the opt_out tool sets (VOICEMAIL is the pipeline's)."""
 
 
 @dataclass(frozen=True, slots=True)

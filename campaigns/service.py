@@ -3,7 +3,8 @@ call into its attempt's outcome and the contact's next step (inside the transact
 ends the call, so the two never disagree), the lifecycle moves, campaign webhooks, live
 counters and the ETA.
 
-Must not import FastAPI, routes or voice_pipeline.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from models import (
     CampaignContact,
 )
 from postcall.hooks import after_commit
+from postcall.outbox import Outbox
 from postcall.report import call_record, iso
-from postcall.webhooks import Outbox
 from utils import utcnow
 
 log = logging.getLogger("ai_sdr.campaigns")

@@ -5,7 +5,10 @@ each contact's timezone: the CSV's, or the one `phonenumbers` gives for its numb
 window's fallback. All maths is on aware datetimes through `zoneinfo`, so a window across
 a daylight-saving change opens at the local time it says.
 
-Pure: must not import SQLAlchemy, FastAPI or other project modules.
+Pure. Of ours, imports only: nothing.
+
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb.
 """
 
 from __future__ import annotations
@@ -71,12 +74,6 @@ class CallingWindow:
             if opens > local:
                 return opens.astimezone(at.tzinfo)
         return None
-
-    def closes_at(self, at: datetime, tz: str) -> datetime:
-        """When the window open at `at` closes."""
-        local_zone = zone(tz, self.timezone)
-        local = at.astimezone(local_zone)
-        return datetime.combine(local.date(), self.end, tzinfo=local_zone).astimezone(at.tzinfo)
 
 
 @lru_cache(maxsize=512)

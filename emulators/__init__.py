@@ -3,7 +3,7 @@ benchmark and the "try it without accounts" mode. Each server emulator runs a re
 HTTP/WebSocket server on 127.0.0.1 in its own thread; `TwilioCaller` is a scripted phone
 caller speaking the Media Streams protocol. See docs/ARCHITECTURE.md, section "Emulators".
 
-Imports nothing of ours except utils.
+Of ours, imports only: emulators, utils.
 """
 
 from emulators.deepgram import DeepgramConfig, DeepgramEmulator, ListenRecord, SpeakRecord

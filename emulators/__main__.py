@@ -8,7 +8,7 @@ final machine-readable line: `EMULATORS_READY {"twilio": url, "deepgram": url, .
 The Ollama and Deepgram URLs also serve `GET /emulator/timings` (their own lateness per
 request, `{"llm": [...]}` and `{"tts": [...]}`), which the benchmark reads after a run.
 
-Imports nothing of ours except the emulators (and, through them, utils).
+Of ours, imports only: emulators.
 """
 
 from __future__ import annotations

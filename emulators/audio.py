@@ -6,7 +6,7 @@ starts at the first sample and ends at the last; results are cached in memory an
 ($AI_SDR_AUDIO_CACHE, else ~/.cache/ai-sdr-audio). `silence()`, `tone()` and `noise()` make
 synthetic signals; `frames()` cuts audio into 20 ms frames.
 
-Imports nothing of ours except utils.
+Of ours, imports only: emulators, utils.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ read by other threads through copying properties.
 was received and when its first output went out, against the delay configured for it: the
 emulator's own lateness (the benchmark reads it after a run).
 
-Must not import project modules (not even utils) or vendor SDKs.
+Must not import: twilio, deepgram, ollama.
+Of ours, imports only: nothing.
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ def abort_connection(scope: Scope) -> bool:
 
 
 def server_of(scope: Scope) -> ThreadedServer:
-    return scope[_SCOPE_SERVER]
+    server: ThreadedServer = scope[_SCOPE_SERVER]
+    return server
 
 
 async def wait_for_http_disconnect(receive: Receive) -> None:
@@ -278,7 +280,9 @@ class PacedResponse:
         if abort_connection(scope):
             await wait_for_http_disconnect(receive)
 
-    async def _after_body(self, scope: Scope, receive: Receive, producer: asyncio.Future) -> None:
+    async def _after_body(
+        self, scope: Scope, receive: Receive, producer: asyncio.Future[None]
+    ) -> None:
         exc = producer.exception()
         if exc is None:
             return
@@ -361,7 +365,7 @@ def timings_route(
 C = TypeVar("C")
 
 
-def config_from(cls: type[C], config: C | dict | None, overrides: dict[str, Any]) -> C:
+def config_from(cls: type[C], config: C | dict[str, Any] | None, overrides: dict[str, Any]) -> C:
     """Build a config dataclass from an instance, a dict (e.g. parsed JSON) and keyword
     overrides; unknown keys are an error rather than silently ignored."""
     if config is None:
@@ -378,18 +382,9 @@ def config_from(cls: type[C], config: C | dict | None, overrides: dict[str, Any]
     return cls(**base)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
-    """Block until `predicate()` is true; TimeoutError otherwise."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(interval)
-
-
 async def async_wait_until(predicate: Callable[[], bool], interval: float = 0.01) -> None:
-    """`wait_until` for async callers: polls without blocking the caller's loop. Bound it
-    with `asyncio.timeout()`."""
+    """Wait until `predicate()` is true, polling without blocking the caller's loop. Bound
+    it with `asyncio.timeout()`."""
     # ASYNC110 ignored: the state is written on an emulator thread, so there is no Event
     # on the caller's loop to await
     while not predicate():  # noqa: ASYNC110

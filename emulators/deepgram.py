@@ -13,7 +13,7 @@ REST speak request's timing (received, first audio byte written, configured
 `GET /emulator/timings` as `{"tts": [...]}` (see
 `emulators.base.timings_route`).
 
-Must not import project modules other than utils.
+Of ours, imports only: emulators, utils.
 """
 
 from __future__ import annotations
@@ -193,7 +193,8 @@ def _voice_pcm(sample_rate: int, level: float) -> np.ndarray:
     t = np.arange(sample_rate) / sample_rate
     mix = sum(np.sin(2 * np.pi * f * t) for f in (300.0, 500.0, 700.0)) / 3.0
     envelope = 0.8 + 0.2 * np.sin(2 * np.pi * 4.0 * t)
-    return np.round(mix * envelope * level * 32767 / np.max(np.abs(mix))).astype(np.int16)
+    pcm: np.ndarray = np.round(mix * envelope * level * 32767 / np.max(np.abs(mix)))
+    return pcm.astype(np.int16)
 
 
 @cache
@@ -360,7 +361,7 @@ class _ListenSession:
                 task.cancel()
             await asyncio.gather(sender, watchdog, return_exceptions=True)
 
-    async def _receive_loop(self, sender: asyncio.Task) -> str:
+    async def _receive_loop(self, sender: asyncio.Task[str | None]) -> str:
         while True:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
@@ -388,7 +389,7 @@ class _ListenSession:
                 code, reason, why = item
                 with contextlib.suppress(Exception):
                     await self.ws.close(code, reason)
-                return why
+                return str(why)
             try:
                 await self.ws.send_text(json.dumps(item))
             except (WebSocketDisconnect, OSError, RuntimeError):
@@ -640,13 +641,18 @@ class _SpeakSession:
     order by a worker task; Clear drops buffered text and any audio not yet sent."""
 
     def __init__(
-        self, emu: DeepgramEmulator, ws: WebSocket, fmt: AudioFormat, query: dict, number: int
+        self,
+        emu: DeepgramEmulator,
+        ws: WebSocket,
+        fmt: AudioFormat,
+        query: dict[str, Any],
+        number: int,
     ):
         self.emu, self.ws, self.fmt, self.query, self.number = emu, ws, fmt, query, number
         self.buffer: list[str] = []
         self.jobs: asyncio.Queue[tuple[int, str, float]] = asyncio.Queue()
         self.sequence = 0
-        self.worker: asyncio.Task | None = None
+        self.worker: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         await self.ws.send_json(self.emu.speak_metadata(self.query.get("model")))
@@ -669,7 +675,7 @@ class _SpeakSession:
                 if await self._on_message(data.get("type"), data):
                     return
 
-    async def _on_message(self, kind: str | None, data: dict) -> bool:
+    async def _on_message(self, kind: str | None, data: dict[str, Any]) -> bool:
         """Handle one client message; True when the session should end."""
         if kind == "Speak":
             self.buffer.append(str(data.get("text", "")))
@@ -759,7 +765,7 @@ class DeepgramEmulator(ThreadedServer):
 
     def __init__(
         self,
-        config: DeepgramConfig | dict | None = None,
+        config: DeepgramConfig | dict[str, Any] | None = None,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -1001,7 +1007,12 @@ class DeepgramEmulator(ThreadedServer):
         return self._speak_response(text, fmt, query, record, drop_after)
 
     def _speak_response(
-        self, text: str, fmt: AudioFormat, query: dict, record: SpeakRecord, drop_after: int | None
+        self,
+        text: str,
+        fmt: AudioFormat,
+        query: dict[str, Any],
+        record: SpeakRecord,
+        drop_after: int | None,
     ) -> PacedResponse:
         container = query.get("container", "wav")
         header = b""

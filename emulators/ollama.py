@@ -11,7 +11,7 @@ stream ends stops generation and is counted as a cancellation.
 Each streamed chat's timing (received, first token line written, configured TTFT) is
 served at `GET /emulator/timings` as `{"llm": [...]}` (see `emulators.base.timings_route`).
 
-Must not import project modules.
+Of ours, imports only: emulators.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class OllamaEmulator(ThreadedServer):
 
     def __init__(
         self,
-        config: OllamaConfig | dict | None = None,
+        config: OllamaConfig | dict[str, Any] | None = None,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -317,7 +317,7 @@ class OllamaEmulator(ThreadedServer):
     def _respond(
         self,
         model: str,
-        body: dict,
+        body: dict[str, Any],
         reply: Reply,
         mode: str | None,
         ttft: float,
@@ -354,7 +354,7 @@ class _Turn:
         self,
         emu: OllamaEmulator,
         model: str,
-        body: dict,
+        body: dict[str, Any],
         content: str,
         tool_calls: list[dict[str, Any]],
         mode: str | None,

@@ -11,7 +11,7 @@ Everything heard is recorded with monotonic times relative to the moment `start`
 Light enough for 200 concurrent callers in one process: two tasks per call, payloads
 pre-encoded when speech is scheduled, no per-frame numpy or JSON encoding.
 
-Must not import project modules other than utils.
+Of ours, imports only: emulators, utils.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
@@ -177,10 +178,6 @@ class CallerResult:
             hit = next((c for c in self.clears if seg.start <= c < until), None)
             out.append(None if hit is None else hit - seg.start)
         return out
-
-    @property
-    def marks_echoed(self) -> list[str]:
-        return [m.name for m in self.marks if m.echoed is not None]
 
 
 # --- the caller -------------------------------------------------------------------------------
@@ -513,7 +510,7 @@ class TwilioCaller:
         else:
             await self._on_clear(ws, now)
 
-    def _on_media(self, now: float, message: dict) -> None:
+    def _on_media(self, now: float, message: dict[str, Any]) -> None:
         try:
             audio = base64.b64decode((message.get("media") or {})["payload"], validate=True)
         except (KeyError, TypeError, binascii.Error):

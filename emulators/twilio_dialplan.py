@@ -10,7 +10,7 @@ end with no account.
                              media_url=server.ws_url + "/twilio/media")
     emu.dial_plan.script("+14155550101", Answer("no-answer"), Answer("human", timeline))
 
-Must not import project modules other than utils.
+Of ours, imports only: emulators, utils.
 """
 
 from __future__ import annotations
@@ -21,14 +21,26 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 
 from emulators.twilio_caller import Action, Hangup, TwilioCaller
 
-if TYPE_CHECKING:
-    from emulators.twilio_rest import TwilioRestEmulator
+
+class TwilioRestEmulator(Protocol):
+    """What a call's life needs of the REST emulator (`emulators.twilio_rest`)."""
+
+    account_sid: str
+    auth_token: str
+
+    def get_call(self, call_sid: str) -> dict[str, Any] | None: ...
+    def set_call_status(self, call_sid: str, status: str) -> None: ...
+    def set_answered_by(self, call_sid: str, answered_by: str) -> None: ...
+    def end_call(self, call_sid: str, status: str, duration: int) -> None: ...
+    def sign(self, url: str, params: dict[str, Any] | None = None) -> str: ...
+    def call_status_params(self, call_sid: str, status: str, **extra: str) -> dict[str, str]: ...
+
 
 AnswerKind = Literal["human", "machine", "fax", "no-answer", "busy", "failed", "invalid"]
 _ANSWERED = ("human", "machine", "fax")
@@ -66,7 +78,6 @@ class DialRecord:
     amd: str | None = None
     said: list[str] = field(default_factory=list)
     """Text of `<Say>` verbs the call was redirected to (a voicemail left)."""
-    caller_ended_by: str = ""
 
 
 class DialPlan:
@@ -117,12 +128,6 @@ class DialPlan:
         index = self._next.get(number, 0)
         self._next[number] = index + 1
         return answers[min(index, len(answers) - 1)]
-
-    def peek(self, number: str) -> Answer:
-        answers = self._scripts.get(number)
-        if not answers:
-            return self.default
-        return answers[min(self._next.get(number, 0), len(answers) - 1)]
 
     def local_url(self, url: str) -> str:
         """A callback URL on the public base, as the app under test is really reached."""
@@ -233,10 +238,7 @@ class CallRunner:
         )
         self.caller_task = asyncio.create_task(caller.run())
         with contextlib.suppress(asyncio.CancelledError):
-            result = await self.caller_task
-            self.record.caller_ended_by = result.ended_by
-        if self.caller_task.cancelled():
-            self.record.caller_ended_by = "redirected"
+            await self.caller_task
 
     async def _amd(self) -> None:
         await asyncio.sleep(self.answer.amd_after_s)

@@ -7,7 +7,7 @@ X-Twilio-Signature the way Twilio does (PROTOCOLS A5/A6). With a `dial_plan`
 (`emulators.twilio_dialplan`) it also plays each created call's life: who answers, the
 signed status and AMD callbacks, and the Media Stream of an answered call.
 
-Must not import project modules other than utils.
+Of ours, imports only: emulators, utils.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import secrets
 import time
 import xml.etree.ElementTree as ET
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
@@ -32,11 +33,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 
-from emulators.base import ThreadedServer, async_wait_until, wait_until
+from emulators.base import ThreadedServer
 from emulators.twilio_dialplan import CallRunner, DialPlan
 from utils import normalize_e164
 
 API = "/2010-04-01"
+Form = list[tuple[str, str]]
+"""A request's form fields in order, repeated names kept."""
+Action = Callable[[dict[str, str], Form], tuple[int, dict[str, Any]]]
+"""What a resource does with a request's path parameters and form: (status, JSON body)."""
 CALL_STATUSES = {
     "queued",
     "ringing",
@@ -166,15 +171,6 @@ class TwilioRestEmulator(ThreadedServer):
             call = self._calls.get(call_sid)
             return dict(call) if call else None
 
-    def wait_for_calls(self, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
-        wait_until(lambda: len(self._calls) >= count, timeout)
-        return self.calls
-
-    async def async_wait_for_calls(self, count: int = 1) -> list[dict[str, Any]]:
-        """Bound with `asyncio.timeout()`."""
-        await async_wait_until(lambda: len(self._calls) >= count)
-        return self.calls
-
     # --- fault injection and state changes ----------------------------------------------
 
     def fail_next(
@@ -200,11 +196,6 @@ class TwilioRestEmulator(ThreadedServer):
             call["duration"] = str(duration)
             call["end_time"] = call["date_updated"] = _rfc2822(datetime.now(UTC))
 
-    @property
-    def live_calls(self) -> int:
-        """Calls the dial plan is still playing."""
-        return sum(1 for task in list(self._runner_tasks) if not task.done())
-
     def stop(self, timeout: float = 10.0) -> None:
         if self.running and self._runner_tasks:
             with contextlib.suppress(Exception):
@@ -228,7 +219,8 @@ class TwilioRestEmulator(ThreadedServer):
     # --- webhooks Twilio sends ----------------------------------------------------------
 
     def sign(self, url: str, params: dict[str, Any] | None = None) -> str:
-        return RequestValidator(self.auth_token).compute_signature(url, params or {})
+        signature: str = RequestValidator(self.auth_token).compute_signature(url, params or {})
+        return signature
 
     def call_status_params(self, call_sid: str, status: str, **extra: str) -> dict[str, str]:
         """The form fields of a call status callback for a recorded call (PROTOCOLS A6)."""
@@ -313,20 +305,21 @@ class TwilioRestEmulator(ThreadedServer):
         ]
         return Starlette(routes=routes)
 
-    async def _handle(self, request: Request, action) -> Response:
+    async def _handle(self, request: Request, action: Action) -> Response:
         form = list((await request.form()).multi_items()) if request.method == "POST" else []
-        record = {
+        fields: Form = [(k, str(v)) for k, v in form]
+        record: dict[str, Any] = {
             "time": time.time(),
             "method": request.method,
             "path": request.url.path,
             "query": str(request.url.query),
-            "form": [(k, str(v)) for k, v in form],
+            "form": fields,
             "headers": dict(request.headers),
         }
         try:
             self._authenticate(request)
             self._raise_injected_failure()
-            status, body = action(request.path_params, record["form"])
+            status, body = action(request.path_params, fields)
             response: Response = JSONResponse(body, status)
         except TwilioError as exc:
             response = exc.response()
@@ -394,7 +387,7 @@ class TwilioRestEmulator(ThreadedServer):
             404, 20404, f"The requested resource {self._resource_uri(kind, sid)} was not found"
         )
 
-    def _do_create_call(self, path: dict, form: list[tuple[str, str]]) -> tuple[int, dict]:
+    def _do_create_call(self, path: dict[str, str], form: Form) -> tuple[int, dict[str, Any]]:
         params = dict(form)
         to = _check_number(
             params.get("To"),
@@ -468,20 +461,22 @@ class TwilioRestEmulator(ThreadedServer):
             task.add_done_callback(self._runner_tasks.discard)
         return 201, call
 
-    def _do_list_calls(self, path: dict, form: list, query: dict | None = None) -> tuple[int, dict]:
+    def _do_list_calls(
+        self, path: dict[str, str], form: Form, query: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
         to = (query or {}).get("To")
         with self.lock:
             calls = [self._public(c) for c in self._calls.values() if not to or c["to"] == to]
         return 200, {"calls": calls, "page": 0, "page_size": 50, "next_page_uri": None}
 
-    def _do_fetch_call(self, path: dict, form: list) -> tuple[int, dict]:
+    def _do_fetch_call(self, path: dict[str, str], form: Form) -> tuple[int, dict[str, Any]]:
         with self.lock:
             call = self._calls.get(path["call_sid"])
             if call is None:
                 raise self._not_found("Calls", path["call_sid"])
             return 200, self._public(call)
 
-    def _do_update_call(self, path: dict, form: list[tuple[str, str]]) -> tuple[int, dict]:
+    def _do_update_call(self, path: dict[str, str], form: Form) -> tuple[int, dict[str, Any]]:
         sid, params = path["call_sid"], dict(form)
         status = params.get("Status")
         if status is not None and status not in ("completed", "canceled"):
@@ -506,7 +501,7 @@ class TwilioRestEmulator(ThreadedServer):
             return 200, self._public(call)
 
     @staticmethod
-    def _apply_update(call: dict, params: dict[str, str], status: str | None) -> None:
+    def _apply_update(call: dict[str, Any], params: dict[str, str], status: str | None) -> None:
         if status is not None and call["status"] not in _ENDED:
             call["status"] = status
             call["end_time"] = _rfc2822(datetime.now(UTC))
@@ -515,7 +510,7 @@ class TwilioRestEmulator(ThreadedServer):
                 call[field] = params[key]
         call["date_updated"] = _rfc2822(datetime.now(UTC))
 
-    def _do_create_recording(self, path: dict, form: list[tuple[str, str]]) -> tuple[int, dict]:
+    def _do_create_recording(self, path: dict[str, str], form: Form) -> tuple[int, dict[str, Any]]:
         # Inbound calls reach Twilio without this API, so any call sid is accepted here.
         call_sid, params = path["call_sid"], dict(form)
         now = _rfc2822(datetime.now(UTC))
@@ -536,7 +531,7 @@ class TwilioRestEmulator(ThreadedServer):
             self._recordings.append({**recording, "params": params})
         return 201, recording
 
-    def _do_create_message(self, path: dict, form: list[tuple[str, str]]) -> tuple[int, dict]:
+    def _do_create_message(self, path: dict[str, str], form: Form) -> tuple[int, dict[str, Any]]:
         params = dict(form)
         to = _check_number(
             params.get("To"),
@@ -559,7 +554,9 @@ class TwilioRestEmulator(ThreadedServer):
             self._messages[message["sid"]] = {**message, "params": params, "form": form}
         return 201, message
 
-    def _message_resource(self, to: str, sender: str, body: str, params: dict) -> dict:
+    def _message_resource(
+        self, to: str, sender: str, body: str, params: dict[str, str]
+    ) -> dict[str, Any]:
         now = _rfc2822(datetime.now(UTC))
         sid = new_sid("SM")
         return {
@@ -585,7 +582,7 @@ class TwilioRestEmulator(ThreadedServer):
             "subresource_uris": {"media": self._resource_uri("Messages", sid)[:-5] + "/Media.json"},
         }
 
-    def _do_fetch_message(self, path: dict, form: list) -> tuple[int, dict]:
+    def _do_fetch_message(self, path: dict[str, str], form: Form) -> tuple[int, dict[str, Any]]:
         with self.lock:
             message = self._messages.get(path["message_sid"])
             if message is None:
@@ -593,7 +590,7 @@ class TwilioRestEmulator(ThreadedServer):
             return 200, self._public(message)
 
     @staticmethod
-    def _public(record: dict) -> dict:
+    def _public(record: dict[str, Any]) -> dict[str, Any]:
         private = {"url", "twiml", "application_sid", "status_callback"}
         private |= {"status_callback_event", "params", "form"}
         return {k: v for k, v in record.items() if k not in private}

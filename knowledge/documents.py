@@ -3,7 +3,9 @@
 Role: turn uploaded bytes (plain text, Markdown, PDF, HTML) into a `ParsedDocument` made of
 heading-scoped sections, and cut those sections into sentence-aligned `Chunk`s for embedding.
 Pure functions over the bytes given: no file, network or database I/O.
-Must not import FastAPI, SQLAlchemy, chromadb, voice_pipeline or any other project module.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+sqlalchemy, chromadb.
+Of ours, imports only: nothing.
 
 Errors, with the HTTP status a route is expected to map them to:
 
@@ -24,7 +26,8 @@ from pathlib import PurePath
 from typing import Literal
 
 import pypdf
-from bs4 import BeautifulSoup, Comment, NavigableString, Tag
+from bs4 import BeautifulSoup, Comment, Tag
+from bs4.element import NavigableString
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024  # same default as Settings.MAX_DOCUMENT_BYTES
 HEADING_SEPARATOR = " > "

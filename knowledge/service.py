@@ -6,7 +6,10 @@ itself), then commit the `documents` row; if that commit fails or is cancelled, 
 are removed again, so no document is ever half in the knowledge base.
 
 Errors: `documents.DocumentError` subclasses for bad input, `DuplicateDocument`, and
-`KnowledgeStoreError` when Chroma fails. Must not import FastAPI, routes or the pipeline.
+`KnowledgeStoreError` when Chroma fails.
+
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+pipeline.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ Role: `Answer.stream()` yields speakable text for one agent utterance and record
 call must do once it is heard (`AfterSpeech`). Speaking the text, and when to stop, is the
 call's business. Must not import FastAPI, SQLAlchemy, a vendor SDK, `api/`, `store/` or
 `voice_pipeline`.
+
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas, voice_pipeline.
 """
 
 from __future__ import annotations

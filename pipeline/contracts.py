@@ -1,7 +1,11 @@
 """What the voice pipeline needs from the app, as small protocols and plain records.
 
 The app (store, tools, knowledge, telephony, transports) implements these; the pipeline
-knows nothing else of it. Imports nothing from fastapi, sqlalchemy or a vendor SDK.
+knows nothing else of it.
+
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas, voice_pipeline.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ hands the VAD's events to the call. It also maps the audio timeline onto the clo
 the caller's speech means for the turn is the call's decision (`CallSession`).
 
 Must not import FastAPI, SQLAlchemy, a vendor SDK, `api/`, `store/` or `voice_pipeline`.
+
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas, voice_pipeline.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Prometheus metrics for live calls, one registry per app (so tests and several apps in one
 process never collide). The pipeline records; `/metrics` exposes.
 
-Must not import FastAPI, SQLAlchemy or vendor SDKs.
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas, voice_pipeline.
 """
 
 from __future__ import annotations

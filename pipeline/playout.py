@@ -6,6 +6,10 @@ playout lag learnt from returning marks, and so what the caller has heard of a `
 Whose speech plays, and when to pause or stop it, is the call's decision (`CallSession`).
 
 Must not import FastAPI, SQLAlchemy, a vendor SDK, `api/`, `store/` or `voice_pipeline`.
+
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas, voice_pipeline.
 """
 
 from __future__ import annotations

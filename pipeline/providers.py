@@ -2,7 +2,9 @@
 and the error tree. Vendor adapters (`adapters.deepgram_stt`, `adapters.deepgram_tts`,
 `adapters.ollama`) implement them; the pipeline depends only on this module.
 
-Must not import FastAPI, SQLAlchemy or any vendor SDK.
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas, voice_pipeline.
 
 Exception tree::
 

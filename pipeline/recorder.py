@@ -3,6 +3,10 @@
 Turns, events and fields are queued without waiting and written by one task, in order,
 never on the audio path. Must not import FastAPI, SQLAlchemy, a vendor SDK, `api/` or
 `store/`: it knows the store only by its protocol.
+
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas, voice_pipeline.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ The model at 8 kHz takes 256-sample windows (32 ms), each prefixed by the last 3
 of the previous window as context, plus a recurrent state of shape (2, B, 128).
 
 Must not import FastAPI, SQLAlchemy, vendor SDKs or torch (onnxruntime + numpy only).
+
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas, voice_pipeline.
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
 """An agent utterance and its bookkeeping: the audio synthesised so far, its text chunks, how
-far it was sent and what the caller heard; barge-in, early answers and per-turn timing."""
+far it was sent and what the caller heard; barge-in, early answers and per-turn timing.
+
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas, voice_pipeline.
+"""
 
 from __future__ import annotations
 

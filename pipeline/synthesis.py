@@ -2,6 +2,10 @@
 fallback line when synthesis fails (never dead air while the line can still be spoken).
 
 Must not import FastAPI, SQLAlchemy, a vendor SDK, `api/`, `store/` or `voice_pipeline`.
+
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas, voice_pipeline.
 """
 
 from __future__ import annotations

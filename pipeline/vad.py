@@ -6,7 +6,9 @@ Role: turn a call's inbound 20 ms mu-law frames into speech start/end events on 
 timeline. It only detects speech; whether an utterance interrupts the agent is decided by
 `voice_pipeline` from the transcript.
 
-Must not import FastAPI, SQLAlchemy, vendor SDKs or torch (onnxruntime + numpy only).
+Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas, voice_pipeline, torch.
 
 Pieces::
 

@@ -2,7 +2,9 @@
 detection is off or late. A callee's first turn that is clearly a voicemail greeting
 ("leave a message after the tone", "is not available") counts as a machine.
 
-Pure: must not import FastAPI, SQLAlchemy or a vendor SDK.
+Pure. Must not import: fastapi, starlette, uvicorn, sqlalchemy, twilio, deepgram, ollama,
+chromadb, httpx, aiohttp, websockets, api, store, adapters, knowledge, tools, postcall,
+models, schemas, voice_pipeline.
 """
 
 from __future__ import annotations

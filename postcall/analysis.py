@@ -16,7 +16,8 @@ recorded as `analysis_status` "failed" with `analysis_error`. Calls without a wo
 caller (no-answer, busy, failed, silence) are "skipped" and cost no LLM call. Calls still
 "pending" at startup are resumed, so analysis survives a restart.
 
-Must not import FastAPI, routes or voice_pipeline.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from config import Settings
 from models import Agent, Call, TranscriptTurn
 from pipeline.providers import LLMError, LLMModelNotFound, LLMProvider, LLMTimeout, LLMUnavailable
 from postcall.hooks import TaskSet, after_commit
+from postcall.outbox import Outbox
 from postcall.report import SPEAKERS, load_agent, load_turns
-from postcall.webhooks import Outbox
 
 log = logging.getLogger("ai_sdr.analysis")
 
@@ -268,7 +269,7 @@ class CallAnalyser:
         if attempts >= self.settings.ANALYSIS_MAX_ATTEMPTS:
             await self._settle(job, None, f"LLM unavailable after {attempts} attempts: {exc}")
             return None
-        delay = self.settings.ANALYSIS_RETRY_BASE_S * 2 ** min(attempts - 1, 30)
+        delay = self.settings.ANALYSIS_RETRY_BASE_S * 2.0 ** min(attempts - 1, 30)
         return min(delay, MAX_RETRY_DELAY_S) * (0.5 + self.jitter() / 2)
 
     async def _invalid(self, job: _Job, exc: Exception) -> float | None:

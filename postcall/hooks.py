@@ -2,7 +2,8 @@
 commits, compose several `CallHook`s into one, and own background tasks so that shutdown
 cancels them (no task outlives the app).
 
-Must not import FastAPI, routes, webhooks, analysis or the pipeline.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb, pipeline, postcall.outbox, postcall.dispatcher, postcall.analysis.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class TaskSet:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    def keys(self) -> set[str]:
+        """The keys of the tasks still running."""
+        return set(self._tasks)
 
     def spawn(self, key: str, coro: Coroutine[Any, Any, Any]) -> bool:
         """Start `coro` under `key` unless a task with that key is still running."""

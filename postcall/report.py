@@ -3,7 +3,8 @@ calls with their outcomes, per-stage latency percentiles and the analysis fields
 payloads, the analysis prompt and the exports are all built from these pieces, so a CRM sees
 the same shape everywhere.
 
-Must not import FastAPI, routes, webhooks or the pipeline.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb, pipeline, postcall.outbox, postcall.dispatcher, postcall.analysis.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ dispatcher, post-call analysis and inbound recording, joined into the one `CallH
 The hook runs the analyser before the outbox, so `call.ended` is written knowing whether
 the analysis is pending or skipped.
 
-Must not import FastAPI routes or voice_pipeline.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from config import Settings
 from models import Agent, Call
 from pipeline.providers import LLMProvider
 from postcall.analysis import CallAnalyser
+from postcall.dispatcher import WebhookDispatcher
 from postcall.hooks import TaskSet, after_commit, compose_hooks
+from postcall.outbox import Outbox
 from postcall.report import load_agent
-from postcall.webhooks import Outbox, WebhookDispatcher
 from store.calls import LIVE_EVENTS
 
 log = logging.getLogger("ai_sdr.post_call")
@@ -75,7 +77,7 @@ class PostCall:
         )
 
     def live_events(self, agent: Agent) -> set[str]:
-        """The live-call events (`call_store.LIVE_EVENTS`) these hooks act on for `agent`:
+        """The live-call events (`store.calls.LIVE_EVENTS`) these hooks act on for `agent`:
         only the outbox acts on them, when the agent's webhook asked for them."""
         if not self.outbox.url_for(agent):
             return set()

@@ -4,6 +4,8 @@ dialer and the live call manager. Nothing here exists at import time, so each te
 own app and database.
 
 Every part is published on `app.state` under one name, for `api.deps` to hand to routes.
+
+Must not import: main.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from adapters.deepgram_tts import DeepgramStreamingTTS, build_tts
 from adapters.netguard import PublicOnlyTransport
 from adapters.ollama import OllamaLLM
 from adapters.telephony import TwilioGateway
-from api.admission import CallAdmission
+from api.admission import OUTBOUND_HOLD_S, CallAdmission
 from campaigns.dialer import Dialer
 from campaigns.service import CampaignEvents
 from config import Settings
@@ -114,6 +116,7 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
         campaign_events,
         call_hook,
         live=calls.active.keys,
+        ring_hold_s=OUTBOUND_HOLD_S,
     )
     metrics.dialer_statements.set_function(lambda: dialer.statements)
     metrics.dialer_dials.set_function(lambda: dialer.dials)

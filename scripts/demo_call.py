@@ -1,6 +1,9 @@
 """Places one simulated inbound call on a running service (see scripts/demo.sh): creates a
 demo agent, answers Twilio's voice webhook, streams a caller's spoken audio over the Media
-Streams WebSocket, and prints what the agent said and the stored transcript."""
+Streams WebSocket, and prints what the agent said and the stored transcript.
+
+Of ours, imports only: emulators.
+"""
 
 from __future__ import annotations
 

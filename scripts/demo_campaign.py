@@ -2,7 +2,7 @@
 emulator's dial plan, written by demo.sh, decides who answers), run as a campaign against
 the local service, then the results CSV printed.
 
-Imports nothing of ours: it talks to the service over HTTP like any client.
+It talks to the service over HTTP like any client. Of ours, imports only: nothing.
 """
 
 from __future__ import annotations

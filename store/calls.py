@@ -5,7 +5,8 @@ or out-of-order Twilio callbacks never move a call backwards. `SqlCallStore` imp
 pipeline's `CallStore` protocol on SQLAlchemy; its writes are group-committed: one
 transaction for whatever all live calls queued meanwhile.
 
-Must not import FastAPI or vendor SDKs.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb.
 """
 
 from __future__ import annotations
@@ -378,7 +379,9 @@ class SqlCallStore:
     async def set_fields(self, call_id: str, **fields: Any) -> None:
         await self._group_commit(_Write("fields", call_id, fields))
 
-    async def finish(self, call_id: str, *, ended_reason: str, ended_at: datetime | None = None):
+    async def finish(
+        self, call_id: str, *, ended_reason: str, ended_at: datetime | None = None
+    ) -> None:
         """The media stream ended (once per call): record why and emit `call.ended`. Calls
         that never had a stream emit it from the terminal status callback instead."""
         fields = {"ended_reason": ended_reason, "ended_at": ended_at}

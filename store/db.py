@@ -1,7 +1,8 @@
 """Database access: one async engine and sessionmaker per app (never at import time), the
 Alembic upgrade applied at startup. (The routes' session dependency is `api.deps.SessionDep`.)
 
-Must not import FastAPI routes, schemas or the pipeline.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb, schemas, pipeline.
 """
 
 from __future__ import annotations

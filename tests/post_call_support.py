@@ -1,5 +1,5 @@
 """Test support for webhooks, analysis and exports: a real local webhook receiver, signature
-verification written independently of `webhooks.py` (stdlib hmac only), a running app on a
+verification written independently of `adapters.signing` (stdlib hmac only), a running app on a
 given settings object, and calls driven through the inbound webhook and `SqlCallStore`."""
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from config import Settings
 from emulators.base import ThreadedServer
 from models import Call
 from store.calls import SqlCallStore
@@ -192,11 +191,6 @@ async def sales_conversation(call: CallDriver) -> None:
         retrieval_ms=41,
     )
     await call.hang_up()
-
-
-def settings_for(base: Settings, **overrides: Any) -> Settings:
-    values = {**base.model_dump(), **overrides}
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 FAST = {

@@ -23,7 +23,8 @@ import pytest
 from deepgram.core.unchecked_base_model import construct_type
 from deepgram.listen.v1.socket_client import V1SocketClientResponse
 
-from adapters.deepgram_stt import DeepgramStream, DeepgramSTT, StreamPolicy, _messages
+from adapters.deepgram import listen_messages
+from adapters.deepgram_stt import DeepgramStream, DeepgramSTT, StreamPolicy
 from adapters.deepgram_tts import DeepgramStreamingTTS, DeepgramTTS
 from adapters.http import provider_http_transport
 from adapters.ollama import OllamaLLM
@@ -264,13 +265,13 @@ RESULTS = {
 
 async def test_stt_messages_parse_the_raw_socket_and_skip_what_is_not_a_json_object():
     raw = _Frames([b"\x00binary", "not json", "[1, 2]", json.dumps(RESULTS)])
-    messages = [m async for m in _messages(_Frames(["never read"], raw=raw))]
+    messages = [m async for m in listen_messages(_Frames(["never read"], raw=raw))]
     assert messages == [RESULTS]
 
 
 async def test_stt_messages_fall_back_to_the_sdks_models_without_a_raw_socket():
     model = construct_type(type_=V1SocketClientResponse, object_=RESULTS)
-    (message,) = [m async for m in _messages(_Frames([model]))]
+    (message,) = [m async for m in listen_messages(_Frames([model]))]
     alternative = message["channel"]["alternatives"][0]
     assert (message["type"], message["from_finalize"], message["start"]) == ("Results", True, 1.5)
     assert alternative["transcript"] == "Tuesday works."

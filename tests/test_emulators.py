@@ -734,7 +734,6 @@ class MediaStreamApp:
         self.headers: dict[str, str] = {}
         self.loop = asyncio.get_running_loop()
         self.first_speech_at: float | None = None
-        self.mark_times: dict[str, float] = {}
 
     async def handler(self, ws: ServerConnection) -> None:
         assert ws.request is not None

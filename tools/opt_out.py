@@ -3,7 +3,8 @@
 `ended_reason` becomes `opted-out` (the campaign outcome `opted_out`), and the agent
 confirms politely and hangs up.
 
-Must not import FastAPI, routes, or voice_pipeline beyond its protocol dataclasses.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from campaigns.dnc import add_to_dnc
-from campaigns.policy import OPTED_OUT
 from models import Call
 from pipeline.contracts import ToolContext, ToolOutcome
 from pipeline.providers import ToolCall
+from tools.dnc import OPTED_OUT, add_to_dnc
 
 CONFIRMATION = (
     "Understood. I've taken your number off our list and you won't be called again. "

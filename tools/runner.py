@@ -19,8 +19,10 @@ Bookings are also serialised per agent, so two calls never take the same slot.
 Errors never leave `run`: a failure, refusal or timeout becomes a result such as
 {"error": "..."} for the LLM to talk about, and the call goes on.
 
-Must not import FastAPI, routes, or voice_pipeline beyond its protocol dataclasses
-(AgentConfig, ToolContext, ToolOutcome). Arguments and phone numbers are never logged.
+Arguments and phone numbers are never logged.
+
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb.
 """
 
 from __future__ import annotations
@@ -44,12 +46,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.netguard import UnsafeURLError, check_public_url
+from adapters.signing import SIGNATURE_HEADER, signature
 from adapters.telephony import TelephonyError, TwilioGateway
 from config import Settings
 from models import Agent, Booking, ToolInvocation
 from pipeline.contracts import AgentConfig, ToolContext, ToolOutcome
 from pipeline.providers import ToolCall
-from postcall.webhooks import SIGNATURE_HEADER, signature
 from schemas import BuiltinTool, CalendarSettings, HttpTool, ToolConfig
 from tools import opt_out
 from tools.scheduling import (
@@ -86,7 +88,9 @@ _TOOL_CONFIG: TypeAdapter[BuiltinTool | HttpTool] = TypeAdapter(ToolConfig)
 Handler = Callable[[ToolCall, ToolContext], Awaitable[ToolOutcome]]
 
 
-def _function(name: str, description: str, properties: dict[str, Any], required: list[str]):
+def _function(
+    name: str, description: str, properties: dict[str, Any], required: list[str]
+) -> dict[str, Any]:
     parameters = {"type": "object", "properties": properties, "required": required}
     return {
         "type": "function",
@@ -611,7 +615,7 @@ def _first_days(slots: list[Slot]) -> list[Slot]:
     return chosen
 
 
-def _confirmation(booking: Booking, calendar: CalendarSettings, *, already: bool) -> dict:
+def _confirmation(booking: Booking, calendar: CalendarSettings, *, already: bool) -> dict[str, Any]:
     when = spoken_time(booking.start_at, calendar)
     label = zone_label(calendar)
     sentence = (

@@ -2,11 +2,15 @@
 buffer, day and time parsing for what an LLM passes, spoken times, and iCalendar export.
 
 Pure functions over `CalendarSettings` and plain (start, end) intervals: no database, no
-clock of its own (callers pass `now`). Must not import FastAPI, SQLAlchemy or the pipeline.
+clock of its own (callers pass `now`).
 
 Times: bookings are stored in UTC; slots, parsing and speech use the calendar's timezone.
 Slots start on a grid of `slot_minutes` from `working_hours_start`; a slot is free when no
 busy interval comes within `buffer_minutes` of it.
+
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb, sqlalchemy, pipeline.
+Of ours, imports only: schemas.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from icalendar import Calendar, Event
@@ -32,7 +37,7 @@ class Slot:
     end: datetime
 
 
-def calendar_from(data: dict | None) -> CalendarSettings:
+def calendar_from(data: dict[str, Any] | None) -> CalendarSettings:
     """The agent's stored calendar dict as settings; defaults when empty or invalid."""
     try:
         return CalendarSettings.model_validate(data or {})
@@ -224,4 +229,5 @@ def booking_ics(
         event.add("description", description)
     event.add("status", "CANCELLED" if cancelled else "CONFIRMED")
     calendar.add_component(event)
-    return calendar.to_ical()
+    ical: bytes = calendar.to_ical()
+    return ical

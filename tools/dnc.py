@@ -1,7 +1,9 @@
-"""The do-not-call list as the domain sees it: adding a number also suppresses its
-pending campaign contacts, in the caller's transaction.
+"""The do-not-call list: adding a number also suppresses its pending campaign contacts, in
+the caller's transaction; `OPTED_OUT` is the `ended_reason` of a call whose callee asked to
+go on it.
 
-Must not import FastAPI, routes or voice_pipeline.
+Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
+chromadb.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from models import CampaignContact, DncEntry
+
+OPTED_OUT = "opted-out"
 
 
 def normalise(raw: str, region: str) -> str:
