@@ -27,6 +27,10 @@ log = logging.getLogger("ai_sdr.dialer")
 
 NOT_DIALED = "not_dialed"
 """`last_outcome` of a claim whose dial never reached Twilio (the process died first)."""
+DIAL_SETTLED_S = 30.0
+"""After this long a claim's create request has ended one way or the other (the gateway
+gives Twilio 10 s): a claim with no call at Twilio by then was never dialed. Before it,
+the replica that claimed it may still be waiting for Twilio's answer."""
 
 
 class Reconciler:
@@ -107,6 +111,9 @@ class Reconciler:
             known = await self._known_sids([c.sid for c in found])
             adopted = next((c for c in found if c.sid not in known), None)
             if adopted is None:
+                if now - attempt.started_at < timedelta(seconds=DIAL_SETTLED_S):
+                    await self._extend(contact_id, now)  # its create request may be in flight
+                    return
                 await self._not_dialed(contact_id, attempt)
                 return
             sid = adopted.sid
