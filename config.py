@@ -30,14 +30,17 @@ class Settings(BaseSettings):
     DB_COMMIT_WINDOW_MS: int = Field(default=100, ge=0, le=2000)
     PUBLIC_BASE_URL: str = "http://localhost:8000"
     API_KEYS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["dev-key"])
-    MAX_REQUEST_BYTES: int = 30 * 1024 * 1024
+    MAX_REQUEST_BYTES: int = Field(default=1024 * 1024, gt=0)
     MAX_CONCURRENT_CALLS: int = Field(default=100, ge=0)
+    OPERATOR_ENDPOINTS: Literal["open", "api_key"] = "open"
 
     # --- Twilio --------------------------------------------------------------------------
     TWILIO_ACCOUNT_SID: str = ""
     TWILIO_AUTH_TOKEN: str = ""
     TWILIO_API_BASE_URL: str = "https://api.twilio.com"
     TWILIO_DEFAULT_FROM: str = ""
+    STREAM_TOKEN_SECRET: str = ""
+    STREAM_TOKEN_TTL_S: float = Field(default=60.0, gt=0)
 
     # --- Deepgram -----------------------------------------------------------------------
     DEEPGRAM_API_KEY: str = ""
@@ -67,6 +70,11 @@ class Settings(BaseSettings):
     KNOWLEDGE_TOP_K: int = 3
     KNOWLEDGE_MIN_SIMILARITY: float = 0.25
     MAX_DOCUMENT_BYTES: int = 10 * 1024 * 1024
+    MAX_DOCUMENT_PAGES: int = Field(default=500, ge=1)
+    MAX_DOCUMENT_TEXT_CHARS: int = Field(default=2_000_000, ge=1000)
+    DOCUMENT_PARSE_TIMEOUT_S: float = Field(default=20.0, gt=0)
+    KNOWLEDGE_RETRIEVAL_BUDGET_MS: int = Field(default=300, ge=1)
+    KNOWLEDGE_WRITE_BATCH: int = Field(default=256, ge=1)
 
     # --- webhooks and tools -------------------------------------------------------------
     WEBHOOK_SIGNING_SECRET: str = "dev-webhook-secret"

@@ -23,6 +23,7 @@ from api import (
     dnc,
     health,
     knowledge,
+    operator,
     twilio,
     twilio_amd,
     webhooks,
@@ -42,13 +43,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async with running_services(app, settings):
             yield
 
-    app = FastAPI(title="AI SDR", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="AI SDR", version="0.1.0", lifespan=lifespan, **operator.docs_urls(settings)
+    )
     app.state.settings = settings
     app.state.metrics = PipelineMetrics()
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_REQUEST_BYTES)
+    uploads = {knowledge.UPLOAD_PATH: knowledge.upload_body_limit(settings.MAX_DOCUMENT_BYTES)}
+    uploads |= {path: campaigns.UPLOAD_BYTES for path in campaigns.UPLOAD_PATHS}
+    app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_REQUEST_BYTES, routes=uploads)
     # webhooks first: /v1/calls/export must not be taken for /v1/calls/{call_id}
     routers = [webhooks, agents, calls, campaigns, campaign_results, dnc, knowledge, bookings]
     for module in (*routers, twilio, twilio_amd, health):
         app.include_router(module.router)
+    app.include_router(operator.router_for(settings))
+    operator.warn_if_open(settings)
     return app

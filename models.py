@@ -82,6 +82,7 @@ class Agent(Base):
     backchannel_phrases: Mapped[list[Any]] = mapped_column(default=list)
     fallback_line: Mapped[str | None] = mapped_column(Text, nullable=True)
     tools: Mapped[list[Any]] = mapped_column(default=list)
+    tool_limits: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
     transfer_number: Mapped[str | None] = mapped_column(String(20), nullable=True)
     calendar: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -186,7 +187,12 @@ class CallEvent(Base):
 
 
 class Document(Base):
+    """An uploaded document. `processing` until all its chunks are in the knowledge base;
+    rows left `processing` by a crash are removed, with their chunks, at startup. One
+    content hash per agent: a duplicate upload loses the unique index race."""
+
     __tablename__ = "documents"
+    __table_args__ = (Index("uq_documents_agent_sha256", "agent_id", "sha256", unique=True),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("doc"))
     agent_id: Mapped[str] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"), index=True)
@@ -196,6 +202,7 @@ class Document(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     chunk_count: Mapped[int] = mapped_column(Integer, default=0)
     title: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    status: Mapped[str] = mapped_column(String(20), default="processing", server_default="ready")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -224,6 +231,7 @@ class ToolInvocation(Base):
     """One side-effecting tool call; `idempotency_key` makes retries and repeats no-ops."""
 
     __tablename__ = "tool_invocations"
+    __table_args__ = (Index("ix_tool_invocations_destination", "destination", "started_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     call_id: Mapped[str | None] = mapped_column(
@@ -232,6 +240,8 @@ class ToolInvocation(Base):
     tool_name: Mapped[str] = mapped_column(String(100))
     idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
     arguments: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    destination: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    """The number a text went to: texts per destination per day are counted by it."""
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(20), default="running")
     started_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -5,4 +5,5 @@ cd "$(dirname "$0")"
 scripts/setup.sh
 mkdir -p data
 exec .venv/bin/uvicorn main:create_app --factory --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" \
-  --ws api.media_ws:MediaStreamProtocol --ws-per-message-deflate false "$@"
+  --http api.http_protocol:HeadTimeoutProtocol --ws api.media_ws:MediaStreamProtocol \
+  --ws-per-message-deflate false --ws-max-size 262144 "$@"

@@ -92,6 +92,18 @@ class HttpTool(Strict):
 
 ToolConfig = Annotated[BuiltinTool | HttpTool, Field(discriminator="type")]
 
+
+class ToolLimitSettings(Strict):
+    """What the agent's LLM may do at most; the defaults are safe (`pipeline.contracts.
+    ToolLimits` holds the same defaults for agents stored without them)."""
+
+    tool_rounds_per_turn: int = Field(default=3, ge=0, le=10)
+    tool_calls_per_call: int = Field(default=20, ge=0, le=200)
+    sms_per_call: int = Field(default=2, ge=0, le=20)
+    sms_per_destination_per_day: int = Field(default=5, ge=0, le=100)
+    sms_destinations: list[E164] = Field(default_factory=list, max_length=20)
+
+
 HHMM = r"^([01]\d|2[0-3]):[0-5]\d$"
 
 
@@ -151,6 +163,7 @@ class AgentFields(Strict):
     backchannel_phrases: list[Phrase] | None = Field(default=None, max_length=50)
     fallback_line: Annotated[str, StringConstraints(max_length=500)] | None = None
     tools: list[ToolConfig] | None = Field(default=None, max_length=20)
+    tool_limits: ToolLimitSettings | None = None
     variables: Variables | None = None
     transfer_number: E164 | None = None
     calendar: CalendarSettings | None = None
@@ -193,6 +206,7 @@ AGENT_DEFAULTS: dict[str, Any] = {
     "min_interrupt_words": 0,
     "backchannel_phrases": DEFAULT_BACKCHANNELS,
     "tools": [],
+    "tool_limits": {},
     "variables": {},
     "calendar": {},
     "analysis_schema": {},
@@ -233,6 +247,7 @@ class AgentRead(BaseModel):
     backchannel_phrases: list[str]
     fallback_line: str | None
     tools: list[dict[str, Any]]
+    tool_limits: dict[str, Any]
     variables: dict[str, Any]
     transfer_number: str | None
     calendar: dict[str, Any]
@@ -343,6 +358,7 @@ class DocumentRead(BaseModel):
     size_bytes: int
     sha256: str
     chunk_count: int
+    status: Literal["processing", "ready"]
     created_at: datetime
 
 

@@ -40,7 +40,14 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from pipeline.answer import AfterSpeech, Answer, system_prompt
-from pipeline.contracts import AgentConfig, MediaSink, MediaTransport, PipelineDeps, ToolOutcome
+from pipeline.contracts import (
+    AgentConfig,
+    MediaSink,
+    MediaTransport,
+    PipelineDeps,
+    StreamStart,
+    ToolOutcome,
+)
 from pipeline.listener import Listener
 from pipeline.playout import LEAD_S, Playout, SendFailed, on_grid
 from pipeline.providers import Message, SpeechStarted, STTError, STTStream, Transcript, UtteranceEnd
@@ -57,7 +64,7 @@ from pipeline.voicemail import (
     is_voicemail_greeting,
 )
 
-__all__ = ["LEAD_S", "CallManager", "CallSession"]
+__all__ = ["LEAD_S", "CallManager", "CallSession"]  # LEAD_S: the bench reads it from here
 
 log = logging.getLogger("ai_sdr.pipeline")
 
@@ -71,7 +78,7 @@ SILENCE_GOODBYE = "It seems we got disconnected. Feel free to call back anytime.
 MAX_DURATION_GOODBYE = "I'm sorry, we've reached the time limit for this call. Goodbye!"
 STT_FAILED_LINE = "I'm sorry, I'm having trouble hearing you. Please call back later. Goodbye."
 TRANSFER_FAILED_LINE = "I'm sorry, I couldn't connect you right now. Can I help with anything else?"
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 5.0
 WATCHDOG_S = 0.1
 """Timers (silence, max duration, DTMF, stale barge-in) are checked on this grid of the
 loop's clock, the same instants for every call: one wake-up of the loop serves all of
@@ -747,6 +754,8 @@ class CallManager:
         self.deps = deps
         self.active: dict[str, CallSession] = {}
         """Live sessions by call id."""
+        self._starting: set[str] = set()
+        """Call ids whose stream is being admitted."""
         self._control_tasks: set[asyncio.Task[None]] = set()
 
     def control(
@@ -773,13 +782,24 @@ class CallManager:
             await transport.close(1008)
             return
         call_id = start.parameters.get("call_id", "")
-        config = await self.deps.store.load_config(call_id) if call_id else None
+        if call_id in self.active or call_id in self._starting:
+            log.warning("second media stream for call %r refused", call_id[:40])
+            await transport.close(1008)
+            return
+        self._starting.add(call_id)  # until it is active: a concurrent start is refused
+        try:
+            config = await self._admit(start, call_id)
+        finally:
+            self._starting.discard(call_id)
         if config is None:
-            log.warning("media stream for unknown call %r refused", call_id[:40])
             await transport.close(1008)
             return
         session = CallSession(
-            config, transport, self.deps, stream_sid=start.stream_sid, call_sid=start.call_sid
+            config,
+            transport,
+            self.deps,
+            stream_sid=start.stream_sid,
+            call_sid=config.call_sid or start.call_sid,
         )
         self.active[call_id] = session
         try:
@@ -788,3 +808,14 @@ class CallManager:
             self.active.pop(call_id, None)
             with contextlib.suppress(Exception):
                 await transport.close(1000)
+
+    async def _admit(self, start: StreamStart, call_id: str) -> AgentConfig | None:
+        """The call's configuration, once the stream guard lets `start` through."""
+        guard = self.deps.stream_guard
+        if guard is not None and (why := await guard.refusal(start)) is not None:
+            log.warning("media stream for call %r refused: %s", call_id[:40], why)
+            return None
+        config = await self.deps.store.load_config(call_id) if call_id else None
+        if config is None:
+            log.warning("media stream for unknown call %r refused", call_id[:40])
+        return config

@@ -1,13 +1,27 @@
-"""Outbound URL safety: refuse receivers on loopback, private, link-local and other
+"""Outbound URL safety: the one guard for every URL a customer configures (webhook
+receivers, HTTP tools). It refuses loopback, private, link-local, unspecified and other
 non-public addresses, so a configured URL cannot make the service call into its own network
-(SSRF). Shared by webhook delivery and custom HTTP tools.
+(SSRF).
 
-Two layers, because a hostname can resolve differently later (DNS rebinding):
+Policy (`is_public_address`):
 
-- `check_public_url(url, allow_private)`: syntax only, no DNS. For API validation.
+- an address must be globally routable unicast (Python's `is_global`, not multicast);
+- IPv6 forms that carry an IPv4 address are judged by that IPv4 address, because the
+  kernel or a translator may deliver them to it: IPv4-compatible `::a.b.c.d` (`::/96`, which
+  also holds `::` and `::1`), IPv4-mapped `::ffff:0:0/96`, SIIT `::ffff:0:0:0/96`, NAT64
+  `64:ff9b::/96` and 6to4 `2002::/16`. Python calls most of these global.
+- tunnels and prefixes no public receiver uses are refused whole: Teredo `2001::/32`,
+  local-use NAT64 `64:ff9b:1::/48` and the deprecated site-local `fec0::/10`.
+
+Three layers, because a hostname can resolve differently later (DNS rebinding):
+
+- `check_public_url(url, allow_private)`: syntax only, no DNS. At API create and update.
 - `PublicOnlyTransport`: an httpx transport that resolves the host at send time, refuses
   the request if any address is not public, and connects to the address it checked (the
   TLS name stays the original host through httpx's `sni_hostname` extension).
+- `guarded_client`: the httpx client every outbound customer request uses: that transport
+  and no redirect following (a 3xx is an answer; were redirects followed, each hop would
+  pass the transport's check again).
 
 Must not import: fastapi, starlette, uvicorn, sqlalchemy, chromadb, api, store, knowledge,
 tools, postcall, voice_pipeline, models.
@@ -34,13 +48,33 @@ class UnsafeURLError(ValueError):
     """The URL points at a non-public address (or is not an http(s) URL)."""
 
 
+_V6 = ipaddress.IPv6Network
+_REFUSED_V6 = (_V6("2001::/32"), _V6("64:ff9b:1::/48"), _V6("fec0::/10"))
+"""Teredo, local-use NAT64, site-local: refused whatever they carry."""
+_LAST_32_BITS = (_V6("::/96"), _V6("::ffff:0:0/96"), _V6("::ffff:0:0:0/96"), _V6("64:ff9b::/96"))
+"""IPv4-compatible, IPv4-mapped, SIIT and well-known NAT64: the IPv4 address is the low 32
+bits."""
+_6TO4 = _V6("2002::/16")  # the IPv4 address is bits 16-47
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 transition form carries, or None."""
+    if any(ip in network for network in _LAST_32_BITS):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _6TO4:
+        return ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF)
+    return None
+
+
 def is_public_address(address: str) -> bool:
-    """Whether `address` is globally routable unicast. IPv4-mapped IPv6 is judged by its
-    IPv4 part."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    """Whether `address` is globally routable unicast; IPv6 transition forms are judged by
+    the IPv4 address they carry (see the module docstring)."""
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in network for network in _REFUSED_V6):
+            return False
+        ip = embedded_ipv4(ip) or ip
+    return ip.is_global and not ip.is_multicast and not ip.is_unspecified
 
 
 def _literal_ip(host: str) -> str | None:
@@ -122,3 +156,16 @@ class PublicOnlyTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def guarded_client(
+    *,
+    allow_private: bool,
+    timeout: float = 10.0,
+    inner: httpx.AsyncBaseTransport | None = None,
+    resolve: Resolver = resolve_host,
+) -> httpx.AsyncClient:
+    """The httpx client for requests to customer URLs (webhooks, HTTP tools): every request
+    checked and pinned by `PublicOnlyTransport`, redirects never followed."""
+    transport = PublicOnlyTransport(inner, allow_private=allow_private, resolve=resolve)
+    return httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False)

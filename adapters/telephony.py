@@ -59,6 +59,12 @@ def say_hangup_twiml(message: str = UNKNOWN_NUMBER_MESSAGE) -> str:
     return str(response)
 
 
+def hangup_twiml() -> str:
+    response = VoiceResponse()
+    response.hangup()
+    return str(response)
+
+
 def reject_twiml() -> str:
     """`<Reject reason="busy">`: the caller hears a busy signal and the call is not answered
     (Twilio bills nothing for it)."""

@@ -25,18 +25,27 @@ from api.deps import (
 from api.errors import APIError
 from config import Settings
 from models import Agent
-from schemas import AGENT_DEFAULTS, AgentCreate, AgentRead, AgentUpdate, Page
+from schemas import AGENT_DEFAULTS, AgentCreate, AgentRead, AgentUpdate, HttpTool, Page
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
-def _check_webhook_url(body: AgentCreate | AgentUpdate, settings: Settings) -> None:
-    if body.webhook_url is None:
-        return
-    try:
-        check_public_url(str(body.webhook_url), settings.ALLOW_PRIVATE_URLS)
-    except ValueError as exc:
-        raise APIError(422, "validation_error", f"webhook_url: {exc}", "webhook_url") from None
+def _check_urls(body: AgentCreate | AgentUpdate, settings: Settings) -> None:
+    """Every outbound URL of the agent (webhook receiver, HTTP tools) passes the SSRF guard
+    at create and update; delivery checks the resolved addresses again."""
+    urls = [("webhook_url", body.webhook_url)]
+    urls += [
+        (f"tools.{index}.url", tool.url)
+        for index, tool in enumerate(body.tools or [])
+        if isinstance(tool, HttpTool)
+    ]
+    for field, url in urls:
+        if url is None:
+            continue
+        try:
+            check_public_url(str(url), settings.ALLOW_PRIVATE_URLS)
+        except ValueError as exc:
+            raise APIError(422, "validation_error", f"{field}: {exc}", field) from None
 
 
 def _agent_values(body: AgentCreate | AgentUpdate, *, partial: bool) -> dict[str, Any]:
@@ -59,7 +68,7 @@ async def _commit_agent(session: AsyncSession, agent: Agent) -> None:
 
 @router.post("/agents", status_code=201, response_model=AgentRead)
 async def create_agent(body: AgentCreate, session: SessionDep, settings: SettingsDep) -> Agent:
-    _check_webhook_url(body, settings)
+    _check_urls(body, settings)
     agent = Agent(**_agent_values(body, partial=False))
     session.add(agent)
     await _commit_agent(session, agent)
@@ -81,7 +90,7 @@ async def read_agent(agent: AgentDep) -> Agent:
 async def update_agent(
     body: AgentUpdate, agent: AgentDep, session: SessionDep, settings: SettingsDep
 ) -> Agent:
-    _check_webhook_url(body, settings)
+    _check_urls(body, settings)
     for key, value in _agent_values(body, partial=True).items():
         if value is None and key in AGENT_DEFAULTS:
             raise APIError(422, "validation_error", f"{key}: may not be null", key)

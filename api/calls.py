@@ -24,6 +24,7 @@ from api.deps import (
     PageDep,
     SessionDep,
     SettingsDep,
+    StreamTokensDep,
     TwilioDep,
     page_of,
     paginate,
@@ -31,6 +32,7 @@ from api.deps import (
 )
 from api.errors import APIError, not_found
 from api.idempotency import IdempotencyKey, replay, request_hash
+from api.stream_binding import TOKEN_PARAMETER, StreamTokens
 from config import Settings
 from models import TERMINAL_STATUSES, Agent, Call, DncEntry
 from schemas import CallCreate, CallDetail, CallRead, Page
@@ -66,6 +68,7 @@ async def create_call(
     twilio: TwilioDep,
     admission: AdmissionDep,
     metrics: MetricsDep,
+    tokens: StreamTokensDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Call:
     digest = request_hash(body)
@@ -94,7 +97,15 @@ async def create_call(
         )
     try:
         return await _dial(
-            session, settings, twilio, agent, body, call_id, from_number, (idempotency_key, digest)
+            session,
+            settings,
+            twilio,
+            tokens,
+            agent,
+            body,
+            call_id,
+            from_number,
+            (idempotency_key, digest),
         )
     except BaseException:
         admission.release(call_id)  # not dialled (Twilio refused, or the request failed)
@@ -105,6 +116,7 @@ async def _dial(
     session: AsyncSession,
     settings: Settings,
     twilio: TwilioGateway,
+    tokens: StreamTokens,
     agent: Agent,
     body: CallCreate,
     call_id: str,
@@ -132,7 +144,8 @@ async def _dial(
         if existing is None:
             raise
         return replay(existing, idempotency[1])
-    twiml = stream_twiml(settings.media_stream_url, {"call_id": call.id})
+    token = tokens.mint(call.id, outbound=True)
+    twiml = stream_twiml(settings.media_stream_url, {"call_id": call.id, TOKEN_PARAMETER: token})
     try:
         created = await twilio.create_call(
             to=body.to,

@@ -45,6 +45,11 @@ from schemas import Page
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["campaigns"])
 
+UPLOAD_PATHS = (r"/v1/campaigns/[^/]+/contacts", r"/v1/dnc/import")
+"""Contact and do-not-call lists may pass MAX_REQUEST_BYTES (`api.errors.BodySizeLimit`),
+up to UPLOAD_BYTES: 100,000 rows (the import's limit) of about 200 bytes."""
+UPLOAD_BYTES = 20 * 1024 * 1024
+
 ContactState = Literal[
     "pending",
     "dialing",

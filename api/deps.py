@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from adapters.telephony import TwilioGateway
 from api.admission import CallAdmission
 from api.errors import APIError, not_found
+from api.stream_binding import StreamTokens
 from config import Settings
 from models import Agent
 from pipeline.metrics import PipelineMetrics
@@ -60,6 +61,14 @@ def get_admission(request: Request) -> CallAdmission:
 
 
 AdmissionDep = Annotated[CallAdmission, Depends(get_admission)]
+
+
+def get_stream_tokens(request: Request) -> StreamTokens:
+    tokens: StreamTokens = request.app.state.stream_tokens
+    return tokens
+
+
+StreamTokensDep = Annotated[StreamTokens, Depends(get_stream_tokens)]
 
 
 def get_metrics(request: Request) -> PipelineMetrics:

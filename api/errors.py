@@ -7,6 +7,7 @@ Must not import: twilio, deepgram, ollama, chromadb, sqlalchemy, pipeline, voice
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -96,24 +97,64 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal server error")
 
 
-class BodySizeLimit:
-    """Refuses requests whose declared body is larger than `max_bytes` with a 413, before
-    anything reads the body."""
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive` once a streamed (chunked) body passes its route's limit."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes")
+
+
+class BodySizeLimit:
+    """The request body limit, on every route: `max_bytes`, or the larger limit of a path
+    that matches one of `routes` (a regex to bytes). A declared Content-Length over the
+    limit gets a 413 before anything reads the body; a chunked body gets its 413 as soon as
+    the bytes received pass the limit (the rest is never read)."""
+
+    def __init__(self, app: Any, max_bytes: int, routes: dict[str, int] | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.routes = [(re.compile(pattern), limit) for pattern, limit in (routes or {}).items()]
+
+    def limit_for(self, path: str) -> int:
+        for pattern, limit in self.routes:
+            if pattern.fullmatch(path):
+                return limit
+        return self.max_bytes
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length", b"0")
-            if not length.isdigit() or int(length) > self.max_bytes:
-                message = f"request body larger than {self.max_bytes} bytes"
-                if not length.isdigit():
-                    message = "invalid Content-Length header"
-                response = error_response(413 if length.isdigit() else 400, "too_large", message)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            if length.isdigit():
+                response = error_response(413, "too_large", str(BodyTooLarge(limit).detail))
+            else:
+                response = error_response(400, "bad_request", "invalid Content-Length header")
+            await response(scope, receive, send)
+            return
+        received, started = 0, False
+
+        async def counted_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def watched_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except BodyTooLarge as exc:  # a route that let it pass its handlers
+            if started:
+                raise
+            await error_response(413, "too_large", str(exc.detail))(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:

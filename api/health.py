@@ -1,4 +1,4 @@
-"""`/health` (the parts and the live calls) and `/metrics` (Prometheus text).
+"""`/health`: the parts and the live calls (`/metrics` is in `api.operator`).
 
 Must not import: twilio, deepgram, ollama, chromadb.
 """
@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 
-from api.deps import AdmissionDep, MetricsDep, SettingsDep
+from api.deps import AdmissionDep, SettingsDep
 
 router = APIRouter(tags=["health"])
 
@@ -36,8 +36,3 @@ async def health(
         "limit": admission.limit or None,
     }
     return {"status": "ok" if database_ok else "degraded", "checks": checks, "calls": calls}
-
-
-@router.get("/metrics", response_class=Response)
-async def metrics(metrics: MetricsDep) -> Response:
-    return Response(metrics.render(), media_type="text/plain; version=0.0.4")

@@ -3,7 +3,9 @@ debug search that shows what retrieval would put in the LLM context.
 
 Uploads are multipart (`file`, optional `title`) or JSON (`{"text", "filename", "title"}`).
 The body is read through a counter that stops at MAX_DOCUMENT_BYTES (plus multipart
-framing), so an oversize upload is refused without being read to its end.
+framing), so an oversize upload is refused without being read to its end. A document is
+listed as `processing` until its chunks are in; an identical one for the same agent is a
+409 (`knowledge.service.DocumentIngest`).
 
 Must not import: twilio, deepgram, ollama, chromadb.
 """
@@ -25,17 +27,18 @@ from api.errors import APIError, not_found
 from knowledge.chroma import KnowledgeBase, format_passages_for_prompt
 from knowledge.documents import (
     DocumentError,
+    DocumentTooComplex,
     DocumentTooLarge,
     EmptyDocument,
     UnreadableDocument,
     UnsupportedType,
 )
 from knowledge.service import (
+    DocumentIngest,
     DuplicateDocument,
     KnowledgeStoreError,
     Upload,
     delete_document,
-    ingest_document,
 )
 from models import Document
 from schemas import (
@@ -51,6 +54,15 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=[
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and a title field
 JSON_EXPANSION = 6  # "\u00e9" in JSON is six bytes for a two-byte character
+UPLOAD_PATH = r"/v1/agents/[^/]+/documents"
+"""The one route whose body may pass MAX_REQUEST_BYTES (`api.errors.BodySizeLimit`)."""
+
+
+def upload_body_limit(max_document_bytes: int) -> int:
+    """The largest upload body: a JSON body of the largest document (the route checks the
+    tighter limit of its content type as it reads)."""
+    return max_document_bytes * JSON_EXPANSION + MULTIPART_OVERHEAD
+
 
 _UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -80,6 +92,16 @@ def get_knowledge(request: Request) -> KnowledgeBase:
 
 
 KnowledgeDep = Annotated[KnowledgeBase, Depends(get_knowledge)]
+
+
+def get_ingest(request: Request) -> DocumentIngest:
+    ingest: DocumentIngest | None = getattr(request.app.state, "ingest", None)
+    if ingest is None:
+        raise APIError(503, "knowledge_unavailable", "the knowledge base is not available")
+    return ingest
+
+
+IngestDep = Annotated[DocumentIngest, Depends(get_ingest)]
 
 
 async def get_document(agent: AgentDep, document_id: str, session: SessionDep) -> Document:
@@ -185,6 +207,7 @@ _DOCUMENT_ERRORS: list[tuple[type[DocumentError], int, str]] = [
     (UnsupportedType, 415, "unsupported_media_type"),
     (EmptyDocument, 422, "empty_document"),
     (UnreadableDocument, 422, "unreadable_document"),
+    (DocumentTooComplex, 422, "document_too_complex"),
 ]
 
 
@@ -205,17 +228,11 @@ def _document_error(exc: DocumentError, field: str) -> APIError:
     openapi_extra=_UPLOAD_BODY,
 )
 async def upload_document(
-    agent: AgentDep,
-    request: Request,
-    session: SessionDep,
-    settings: SettingsDep,
-    knowledge: KnowledgeDep,
+    agent: AgentDep, request: Request, settings: SettingsDep, ingest: IngestDep
 ) -> Document:
     upload, field = await read_upload(request, settings.MAX_DOCUMENT_BYTES)
     try:
-        return await ingest_document(
-            session, knowledge, agent.id, upload, max_bytes=settings.MAX_DOCUMENT_BYTES
-        )
+        return await ingest.ingest(agent.id, upload)
     except DocumentError as exc:
         raise _document_error(exc, field) from None
     except DuplicateDocument as exc:

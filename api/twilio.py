@@ -18,15 +18,17 @@ from sqlalchemy import select
 
 from adapters.telephony import (
     form_params,
+    hangup_twiml,
     reject_twiml,
     say_hangup_twiml,
     signature_is_valid,
     stream_twiml,
 )
 from api.admission import INBOUND_HOLD_S, CallAdmission
-from api.deps import SessionDep
+from api.deps import SessionDep, StreamTokensDep
 from api.errors import APIError
 from api.media_stream import TwilioMediaStream
+from api.stream_binding import TOKEN_PARAMETER
 from config import Settings
 from models import TERMINAL_STATUSES, Agent, Call
 from store.calls import apply_status
@@ -68,7 +70,9 @@ def first_param(params: dict[str, Any], key: str) -> str:
 
 
 @router.post("/voice")
-async def voice_webhook(params: TwilioForm, session: SessionDep, request: Request) -> Response:
+async def voice_webhook(
+    params: TwilioForm, session: SessionDep, request: Request, tokens: StreamTokensDep
+) -> Response:
     settings: Settings = request.app.state.settings
     call_sid, called, caller = (first_param(params, k) for k in ("CallSid", "To", "From"))
     if not call_sid:
@@ -94,20 +98,28 @@ async def voice_webhook(params: TwilioForm, session: SessionDep, request: Reques
         elif not admission.try_admit(call.id, INBOUND_HOLD_S):
             await _record_refused(request, session, call)  # one transaction, as cheap as can be
         await session.commit()
-    elif (
-        call.agent_id is not None
-        and call.ended_reason != AT_CAPACITY
-        and not admission.try_admit(call.id, INBOUND_HOLD_S)
-    ):  # Twilio's retry of an admitted call whose slot lapsed, now at the cap
-        await _record_refused(request, session, call)
-        await session.commit()
+    elif call.agent_id is not None and call.ended_reason != AT_CAPACITY:
+        if _streamed_or_over(call):  # a replay: the same row, and no second stream
+            log.info("voice webhook replayed for call %s, which already streamed", call.id)
+            return _twiml(hangup_twiml())
+        if not admission.try_admit(call.id, INBOUND_HOLD_S):
+            # Twilio's retry of an admitted call whose slot lapsed, now at the cap
+            await _record_refused(request, session, call)
+            await session.commit()
     if call.agent_id is None:
         log.info("inbound call %s to unassigned number %s", call.id, mask_phone(called))
         return _twiml(say_hangup_twiml())
     if call.ended_reason == AT_CAPACITY:  # refused now, or Twilio retrying a refused call
         return _twiml(reject_twiml())
     request.app.state.call_store.prefetch_config(call.id)
-    return _twiml(stream_twiml(settings.media_stream_url, {"call_id": call.id}))
+    token = tokens.mint(call.id, call_sid)
+    parameters = {"call_id": call.id, TOKEN_PARAMETER: token}
+    return _twiml(stream_twiml(settings.media_stream_url, parameters))
+
+
+def _streamed_or_over(call: Call) -> bool:
+    over = call.status in TERMINAL_STATUSES or call.ended_reason is not None
+    return over or call.stream_sid is not None
 
 
 async def _record_refused(request: Request, session: SessionDep, call: Call) -> None:

@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 from config import Settings
-from knowledge.chroma import KnowledgeBase, embed
+from knowledge.chroma import KnowledgeBase
 from knowledge.documents import Chunk
+from knowledge.embedding import embed
 
 PRODUCTS = ["Acme Dialer", "Acme Inbox", "Acme Meet", "Acme Sign", "Acme Pay", "Acme Desk"]
 TOPICS = {

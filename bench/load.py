@@ -25,7 +25,7 @@ from emulators.twilio_caller import CallerResult, TwilioCaller, new_sid
 
 AGENT_NUMBER = "+14155550100"
 CALLER_NUMBER = "+14155550199"
-_CALL_ID = re.compile(r'<Parameter name="call_id" value="([^"]+)"')
+_PARAMETER = re.compile(r'<Parameter name="([^"]+)" value="([^"]*)"')
 
 
 @dataclass
@@ -79,8 +79,10 @@ async def create_agent(http: httpx.AsyncClient, first_message: str) -> dict[str,
     return dict(response.json())
 
 
-async def answer_inbound(http: httpx.AsyncClient, call_sid: str) -> str:
-    """Twilio's signed voice webhook for an inbound call; returns our call id."""
+async def answer_inbound(http: httpx.AsyncClient, call_sid: str) -> dict[str, str]:
+    """Twilio's signed voice webhook for an inbound call; returns the stream's
+    `<Parameter>`s (the call id, and the stream token where the service binds streams),
+    which Twilio sends back in `start.customParameters`."""
     params = {
         "CallSid": call_sid,
         "AccountSid": ACCOUNT_SID,
@@ -98,10 +100,10 @@ async def answer_inbound(http: httpx.AsyncClient, call_sid: str) -> str:
     response.raise_for_status()
     if "<Reject" in response.text:
         raise CallRefused(call_sid)
-    match = _CALL_ID.search(response.text)
-    if match is None:
+    parameters = dict(_PARAMETER.findall(response.text))
+    if "call_id" not in parameters:
         raise RuntimeError("voice webhook answered without a call_id parameter")
-    return match.group(1)
+    return parameters
 
 
 async def settled_detail(
@@ -120,7 +122,8 @@ async def place_call(
     stack: BenchStack, http: httpx.AsyncClient, plan: LoadPlan, slot: int
 ) -> CallOutcome:
     call_sid = new_sid("CA")
-    call_id = await answer_inbound(http, call_sid)
+    parameters = await answer_inbound(http, call_sid)
+    call_id = parameters["call_id"]
     caller = TwilioCaller(
         stack.ws_url,
         plan.script.timeline(hangup_at=plan.max_call_s),
@@ -128,7 +131,7 @@ async def place_call(
         signed_url=stack.signed_media_url,
         account_sid=ACCOUNT_SID,
         call_sid=call_sid,
-        custom_parameters={"call_id": call_id},
+        custom_parameters=parameters,
         max_duration_s=plan.max_call_s + 5,
         talkspurt_gap_s=TALKSPURT_GAP_S,
         connect_timeout_s=30,

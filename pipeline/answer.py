@@ -30,10 +30,14 @@ from pipeline.text import SentenceChunker
 
 log = logging.getLogger("ai_sdr.pipeline")
 
-MAX_TOOL_ROUNDS = 4
 TOOL_FILLER_AFTER_S = 1.0
 DEFAULT_FILLER = "One moment, please."
 MAX_CONSECUTIVE_LLM_FAILURES = 3
+REFUSALS = {
+    "tool_rounds_per_turn": "no more tool calls this turn: answer the caller in words",
+    "tool_calls_per_call": "this call has used all its tool calls: answer in words",
+}
+"""What the LLM reads for the budgets kept here (the runner words its own refusals)."""
 LLM_GIVE_UP_LINE = "I'm sorry, I'm having technical trouble. Please call back later. Goodbye."
 
 
@@ -89,6 +93,7 @@ class Answer:
         self._clock = clock
         self._event = event
         self._llm_failures = 0
+        self._tool_calls = 0  # this call's, against `tool_limits.tool_calls_per_call`
 
     async def stream(
         self,
@@ -106,8 +111,11 @@ class Answer:
         speech.latency["retrieval_ms"] = timing.retrieval_ms
         tools = self._tools.schemas(self._config) if self._tools else []
         speech.llm_request_at = self._clock()  # the first round's request goes out now
-        for _round in range(MAX_TOOL_ROUNDS):
+        rounds = self._config.tool_limits.tool_rounds_per_turn
+        for round_ in range(rounds + 1):
             calls: list[ToolCall] = []
+            if round_ == rounds:
+                tools = []  # the turn's tool rounds are spent: this round answers in words
             chunker = SentenceChunker()
             try:
                 async with aclosing(
@@ -137,6 +145,9 @@ class Answer:
             if not calls:
                 return
             await speech.released.wait()  # tools act: never for a turn that may not be over
+            if round_ == rounds:  # asked for tools that were not offered
+                self._refuse_all(calls, messages, "tool_rounds_per_turn")
+                return
             async with aclosing(self._run_tools(speech, calls, messages)) as lines:
                 async for line in lines:
                     yield line
@@ -193,6 +204,10 @@ class Answer:
         self._history.extend([assistant, *pending])
         lines: list[str] = []
         for call, result_message in zip(calls, pending, strict=True):
+            if self._tool_calls >= self._config.tool_limits.tool_calls_per_call:
+                self._refused(call.name, "tool_calls_per_call", result_message)
+                continue
+            self._tool_calls += 1
             ctx = ToolContext(self._config, self._call_sid, _idempotency_key(self._config, call))
             task = asyncio.ensure_future(runner.run(call, ctx))
             task.add_done_callback(functools.partial(self._tool_finished, message=result_message))
@@ -219,7 +234,29 @@ class Answer:
         outcome = task.result()
         result = outcome.result
         message["content"] = result if isinstance(result, str) else json.dumps(result, default=str)
+        if outcome.refused is not None:
+            self._record_refusal(message["tool_name"], outcome.refused)
+            return
         self._event("tool_called", name=message["tool_name"], action=outcome.action)
+
+    def _refuse_all(self, calls: list[ToolCall], messages: list[Message], reason: str) -> None:
+        """The calls and their refusals enter history, so the next turn's LLM sees why."""
+        request = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+        results = [{"role": "tool", "tool_name": c.name, "content": ""} for c in calls]
+        assistant: Message = {"role": "assistant", "content": "", "tool_calls": request}
+        messages.extend([assistant, *results])
+        self._history.extend([assistant, *results])
+        for call, message in zip(calls, results, strict=True):
+            self._refused(call.name, reason, message)
+
+    def _refused(self, name: str, reason: str, message: Message) -> None:
+        message["content"] = json.dumps({"error": REFUSALS[reason]})
+        self._record_refusal(name, reason)
+
+    def _record_refusal(self, name: str, reason: str) -> None:
+        self._metrics.tool_refusals.labels(reason).inc()
+        log.warning("call %s: tool %s refused (%s)", self._config.call_id, name, reason)
+        self._event("tool_refused", name=name, reason=reason)
 
 
 def _idempotency_key(config: AgentConfig, call: ToolCall) -> str:

@@ -20,6 +20,19 @@ from pipeline.providers import Clock, LLMProvider, STTProvider, ToolCall, TTSPro
 from pipeline.silero import VADBatcher
 
 
+@dataclass(frozen=True, slots=True)
+class ToolLimits:
+    """What a prompt-injected LLM can do at most (the agent's `tool_limits`)."""
+
+    tool_rounds_per_turn: int = 3
+    """LLM rounds of one turn that may call tools; the next round must answer in words."""
+    tool_calls_per_call: int = 20
+    sms_per_call: int = 2
+    sms_per_destination_per_day: int = 5
+    sms_destinations: tuple[str, ...] = ()
+    """Numbers besides the caller's own that `send_sms` may text."""
+
+
 @dataclass(slots=True)
 class AgentConfig:
     """Everything a call needs from its agent and call records, templates already filled."""
@@ -47,6 +60,10 @@ class AgentConfig:
     transfer_number: str = ""
     caller_memory: str = ""
     variables: dict[str, Any] = field(default_factory=dict)
+    tool_limits: ToolLimits = field(default_factory=ToolLimits)
+    call_sid: str = ""
+    """The call's telephony SID as the database has it: every call-control action uses
+    this one, never a SID the media stream claims."""
     wait_for_human: bool = False
     """Outbound: no pitch until the callee speaks (a voicemail greeting is told apart by
     its words) or answering-machine detection says `human`."""
@@ -83,14 +100,17 @@ class MediaSink:
 
 class MediaTransport(Protocol):
     """A live call's audio link (the Twilio Media Stream, a browser), media-level: its wire
-    format stays in the transport. Sends are awaited one at a time, in order."""
+    format stays in the transport. The call awaits one send at a time, in order, and
+    `run()` once; a send to a peer that has gone raises."""
 
     async def start(self) -> StreamStart | None:
         """Wait for the stream to open; None if the peer stopped or went first."""
         ...
 
     async def run(self, sink: MediaSink) -> None:
-        """Deliver inbound media to `sink` until the peer stops the stream or goes."""
+        """Deliver inbound media to `sink` until the peer stops the stream or goes; what
+        a sink callback raised is raised here. Malformed messages are the transport's to
+        count and ignore."""
         ...
 
     async def send_audio(self, audio: bytes | bytearray) -> None:
@@ -134,6 +154,13 @@ class CallControl(Protocol):
     async def transfer(self, call_sid: str, *, number: str, caller_id: str) -> None: ...
 
 
+class StreamGuard(Protocol):
+    async def refusal(self, start: StreamStart) -> str | None:
+        """None when the stream may run for the call it names; otherwise why not. Reads,
+        never writes."""
+        ...
+
+
 class Retriever(Protocol):
     async def context_for(self, agent_id: str, query: str) -> str:
         """Reference passages for `query`, formatted for the prompt, or ""."""
@@ -156,6 +183,9 @@ class ToolOutcome:
     action: Literal["end_call", "transfer"] | None = None
     transfer_to: str | None = None
     say: str | None = None
+    refused: str | None = None
+    """Why a budget or policy refused the call (`result` says so to the LLM): counted in
+    `tool_refusals` and recorded on the call."""
 
 
 class ToolRunner(Protocol):
@@ -177,6 +207,8 @@ class PipelineDeps:
     vad_batcher: Callable[[], VADBatcher]
     retriever: Retriever | None = None
     tools: ToolRunner | None = None
+    stream_guard: StreamGuard | None = None
+    """Checks each stream's `start` before anything is read or written for its call."""
     vad_threshold: float = 0.5
     end_of_speech_ms: int = 300
     """Silence after which the caller's speech has ended: Finalize is sent to the STT then.

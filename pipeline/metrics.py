@@ -79,6 +79,17 @@ class PipelineMetrics:
             "Inbound audio the VAD skipped after falling over 1 s behind, in 20 ms frames",
             registry=r,
         )
+        self.tool_refusals = Counter(
+            "aisdr_tool_refusals",
+            "Tool calls a budget or policy refused (the agent's tool_limits), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.retrieval_timeouts = Counter(
+            "aisdr_retrieval_timeouts",
+            "Caller turns answered without knowledge passages: retrieval passed its budget",
+            registry=r,
+        )
         self.malformed_messages = Counter(
             "aisdr_malformed_messages", "Media stream messages that could not be used", registry=r
         )

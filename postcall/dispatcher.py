@@ -35,7 +35,7 @@ from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
-from adapters.netguard import PublicOnlyTransport, UnsafeURLError
+from adapters.netguard import UnsafeURLError, guarded_client
 from adapters.signing import SIGNATURE_HEADER, signature
 from config import Settings
 from models import WebhookAttempt, WebhookEvent
@@ -104,9 +104,10 @@ class WebhookDispatcher:
     ) -> None:
         self.sessionmaker = sessionmaker
         self.settings = settings
-        guarded = PublicOnlyTransport(transport, allow_private=settings.ALLOW_PRIVATE_URLS)
-        self.client = httpx.AsyncClient(
-            transport=guarded, timeout=settings.WEBHOOK_TIMEOUT_S, follow_redirects=False
+        self.client = guarded_client(
+            allow_private=settings.ALLOW_PRIVATE_URLS,
+            timeout=settings.WEBHOOK_TIMEOUT_S,
+            inner=transport,
         )
         self.max_in_flight = max_in_flight
         self.idle_poll_s = idle_poll_s

@@ -16,19 +16,20 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
-import httpx
 from fastapi import FastAPI
 
 from adapters.deepgram_stt import DeepgramSTT, StreamPolicy
 from adapters.deepgram_tts import DeepgramStreamingTTS, build_tts
-from adapters.netguard import PublicOnlyTransport
+from adapters.netguard import guarded_client
 from adapters.ollama import OllamaLLM
 from adapters.telephony import TwilioGateway
 from api.admission import OUTBOUND_HOLD_S, CallAdmission
+from api.stream_binding import TOKEN_PARAMETER, StreamGuard, StreamTokens
 from campaigns.dialer import Dialer
 from campaigns.service import CampaignEvents
 from config import Settings
-from knowledge.service import KnowledgeRetriever, start_knowledge
+from knowledge.parsing import DocumentParser
+from knowledge.service import DocumentIngest, KnowledgeRetriever, parse_limits, start_knowledge
 from pipeline.contracts import PipelineDeps
 from pipeline.metrics import PipelineMetrics
 from pipeline.vad import SileroModel, shared_batcher
@@ -77,10 +78,15 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
     )
     await asyncio.to_thread(SileroModel.load)  # load once, off the loop, before calls
     app.state.knowledge = knowledge = await start_knowledge(settings)  # same for MiniLM
-    tools_http = httpx.AsyncClient(
-        transport=PublicOnlyTransport(allow_private=settings.ALLOW_PRIVATE_URLS)
+    ingest = DocumentIngest(
+        database.sessionmaker, knowledge, DocumentParser(parse_limits(settings))
     )
+    await ingest.recover()
+    app.state.ingest = ingest
+    tools_http = guarded_client(allow_private=settings.ALLOW_PRIVATE_URLS)
     app.state.db, app.state.twilio, app.state.llm = database, twilio, llm
+    tokens = StreamTokens(settings.STREAM_TOKEN_SECRET, settings.STREAM_TOKEN_TTL_S)
+    app.state.stream_tokens = tokens
     app.state.call_store = store
     app.state.calls = calls = CallManager(
         PipelineDeps(
@@ -100,8 +106,13 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
             end_of_speech_ms=settings.DEEPGRAM_ENDPOINTING_MS,
             finalize_after_ms=settings.EARLY_FINALIZE_MS,
             early_answers=settings.EARLY_ANSWERS,
-            retriever=KnowledgeRetriever(knowledge),
+            retriever=KnowledgeRetriever(
+                knowledge,
+                budget_s=settings.KNOWLEDGE_RETRIEVAL_BUDGET_MS / 1000,
+                on_timeout=metrics.retrieval_timeouts.inc,
+            ),
             tools=AgentTools(database.sessionmaker, twilio, settings, tools_http),
+            stream_guard=StreamGuard(database.sessionmaker, tokens),
         )
     )
     app.state.admission = admission = CallAdmission(
@@ -117,6 +128,10 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
         call_hook,
         live=calls.active.keys,
         ring_hold_s=OUTBOUND_HOLD_S,
+        stream_parameters=lambda call_id: {
+            "call_id": call_id,
+            TOKEN_PARAMETER: tokens.mint(call_id, outbound=True),
+        },
     )
     metrics.dialer_statements.set_function(lambda: dialer.statements)
     metrics.dialer_dials.set_function(lambda: dialer.dials)
@@ -141,6 +156,7 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
         await dialer.aclose()
         await post_call.aclose()
         await tools_http.aclose()
+        await ingest.aclose()
         await asyncio.to_thread(knowledge.close)
         await twilio.aclose()
         await llm.aclose()

@@ -64,7 +64,8 @@ async def main() -> None:
         twiml = (
             await http.post("/twilio/voice", data=form, headers={"X-Twilio-Signature": signature})
         ).text
-        call_id = re.search(r'name="call_id" value="([^"]+)"', twiml).group(1)  # type: ignore[union-attr]
+        parameters = dict(re.findall(r'<Parameter name="([^"]+)" value="([^"]*)"', twiml))
+        call_id = parameters["call_id"]
         stream_url = re.search(r'<Stream url="([^"]+)"', twiml).group(1)  # type: ignore[union-attr]
         print(f"call {call_id}: the caller is speaking...")
         caller = TwilioCaller(
@@ -78,7 +79,7 @@ async def main() -> None:
             ],
             auth_token=TOKEN,
             call_sid=call_sid,
-            custom_parameters={"call_id": call_id},
+            custom_parameters=parameters,
         )
         result = await caller.run()
         print(

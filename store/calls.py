@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from models import TERMINAL_STATUSES, Agent, Booking, Call, CallEvent, TranscriptTurn
-from pipeline.contracts import AgentConfig
+from pipeline.contracts import AgentConfig, ToolLimits
 from tools.scheduling import spoken_in
 from utils import render_template, utcnow
 
@@ -239,6 +239,8 @@ class SqlCallStore:
             transfer_number=agent.transfer_number or "",
             caller_memory=memory,
             variables=variables,
+            tool_limits=tool_limits_of(agent.tool_limits),
+            call_sid=call.twilio_call_sid or "",
             **_voicemail_fields(call, agent, variables),
         )
 
@@ -496,3 +498,14 @@ async def _booking_lines(session: AsyncSession, agent_id: str, number: str) -> l
         f"- Meeting booked for {spoken_in(b.start_at, b.timezone)} ({b.timezone})."
         for b in bookings.all()
     ]
+
+
+def tool_limits_of(stored: dict[str, Any] | None) -> ToolLimits:
+    """The agent's stored `tool_limits` over the safe defaults; unknown keys are ignored."""
+    known = {name: value for name, value in (stored or {}).items() if name in _LIMIT_FIELDS}
+    if "sms_destinations" in known:
+        known["sms_destinations"] = tuple(str(n) for n in known["sms_destinations"] or ())
+    return ToolLimits(**known)
+
+
+_LIMIT_FIELDS = frozenset(ToolLimits.__dataclass_fields__)

@@ -37,6 +37,8 @@ class AppServer(ThreadedServer):
 
     name = "ai-sdr"
     ws_protocol = "api.media_ws:MediaStreamProtocol"  # as run.sh and the Dockerfile run it
+    http_protocol = "api.http_protocol:HeadTimeoutProtocol"
+    ws_max_size = 256 * 1024  # as run.sh: a media stream message is a few hundred bytes
 
     def __init__(self, settings: Settings, ws_protocol: str | None = None) -> None:
         super().__init__()
@@ -79,6 +81,8 @@ class LiveStack:
         self.ws_protocol = ws_protocol  # None: the protocol run.sh uses
         self.server: AppServer | None = None
         self.settings: Settings | None = None
+        self.stream_parameters: dict[str, dict[str, str]] = {}
+        """Per call id, the `<Parameter>`s of the TwiML that opened its stream."""
 
     def __enter__(self) -> LiveStack:
         for emulator in (self.deepgram, self.ollama, self.twilio):
@@ -159,9 +163,10 @@ class LiveStack:
                 "/twilio/voice", data=params, headers={"X-Twilio-Signature": signature}
             )
         assert response.status_code == 200, response.text
-        match = re.search(r'<Parameter name="call_id" value="([^"]+)"', response.text)
-        assert match, response.text
-        return match.group(1)
+        parameters = stream_parameters(response.text)
+        assert "call_id" in parameters, response.text
+        self.stream_parameters[parameters["call_id"]] = parameters
+        return parameters["call_id"]
 
     def dial_plan(self, default: Answer | None = None) -> DialPlan:
         """Make the Twilio emulator play the calls the service places (campaigns)."""
@@ -183,7 +188,7 @@ class LiveStack:
             auth_token=AUTH_TOKEN,
             signed_url=self.settings.media_stream_url,
             account_sid=ACCOUNT_SID,
-            custom_parameters={"call_id": call_id},
+            custom_parameters=self.parameters_for(call_id),
             **kwargs,
         )
 
@@ -194,6 +199,17 @@ class LiveStack:
         call_id = await self.answer_inbound(call_sid)
         result = await self.caller(call_id, timeline, call_sid=call_sid, **caller_kwargs).run()
         return call_id, result
+
+    def parameters_for(self, call_id: str) -> dict[str, str]:
+        """What Twilio would send back for `call_id`'s stream: from the voice webhook's
+        TwiML, or an outbound call's TwiML as the Twilio emulator received it."""
+        if call_id in self.stream_parameters:
+            return self.stream_parameters[call_id]
+        for call in self.twilio.calls:
+            parameters = stream_parameters(call.get("twiml") or "")
+            if parameters.get("call_id") == call_id:
+                return parameters
+        return {"call_id": call_id}
 
     async def call_detail(self, call_id: str, *, settled: bool = True) -> dict[str, Any]:
         """GET the call; with `settled`, wait until the pipeline has recorded its end."""
@@ -232,6 +248,11 @@ class LiveStack:
             time.sleep(0.05)
         if self.active_calls() == 0:
             assert not leaked, f"calls leaked tasks: {leaked}"
+
+
+def stream_parameters(twiml: str) -> dict[str, str]:
+    """The `<Parameter>`s of a `<Stream>`, which Twilio sends back as `customParameters`."""
+    return dict(re.findall(r'<Parameter name="([^"]+)" value="([^"]*)"', twiml))
 
 
 _ROOT = Path(__file__).resolve().parent.parent

@@ -60,7 +60,7 @@ PROJECT_FILES = {
     "run.sh",
     "test.sh",
 }
-NON_PACKAGE_DIRS = {".ci", "docs", "migrations", "scripts", "tests"}
+NON_PACKAGE_DIRS = {".ci", "deploy", "docs", "migrations", "scripts", "tests"}
 NOT_SCANNED = {"tests", "migrations"}
 
 WEB = ("fastapi", "starlette", "uvicorn")
@@ -460,7 +460,6 @@ def test_the_top_level_holds_only_the_design_cards_files_packages_and_project_fi
 MAX_LINES = 500
 OVER_THE_LIMIT = {
     "voice_pipeline.py": "CallSession orchestration after the carving (held under 800 lines)",
-    "tools/runner.py": "being reworked for security",
     "knowledge/documents.py": "being reworked for security",
     "emulators/deepgram.py": "to split: listen session, speak socket, the emulator",
     "emulators/twilio_caller.py": "to split: the scripted timeline, the caller",

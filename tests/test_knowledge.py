@@ -19,11 +19,8 @@ import pytest
 from chromadb.config import Settings as ChromaSettings
 
 from config import Settings
-from knowledge import chroma as knowledge_chroma
 from knowledge.chroma import (
-    EmbeddingModelUnavailable,
     KnowledgeBase,
-    MiniLMEmbeddingFunction,
     Passage,
     collection_name,
     format_passages_for_prompt,
@@ -38,6 +35,7 @@ from knowledge.documents import (
     chunk_document,
     parse_document,
 )
+from knowledge.embedding import EmbeddingModelUnavailable, MiniLMEmbeddingFunction, embed
 
 FIXTURES = Path(__file__).parent / "fixtures" / "knowledge"
 FAQ = FIXTURES / "acme_dialer_faq.md"
@@ -324,7 +322,7 @@ def test_missing_model_fails_on_first_use_not_on_construction(tmp_path: Path) ->
 
 
 def test_embeddings_are_unit_length(embedding_model: None) -> None:
-    vectors = knowledge_chroma.embed(["When is support open?", "How much is Pro?"])
+    vectors = embed(["When is support open?", "How much is Pro?"])
 
     assert vectors.shape == (2, 384)
     assert all(abs(float((v * v).sum()) - 1.0) < 1e-4 for v in vectors)
@@ -335,10 +333,10 @@ def test_concurrent_embedding_matches_serial(embedding_model: None) -> None:
     batches = [
         texts[n : n + size] for n, size in zip(range(0, 40, 5), [1, 5, 3, 5] * 2, strict=True)
     ]
-    serial = [knowledge_chroma.embed(batch) for batch in batches]
+    serial = [embed(batch) for batch in batches]
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        concurrent = list(pool.map(knowledge_chroma.embed, batches))
+        concurrent = list(pool.map(embed, batches))
 
     for expected, actual in zip(serial, concurrent, strict=True):
         assert np.allclose(expected, actual, atol=1e-5)

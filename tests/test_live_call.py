@@ -309,13 +309,15 @@ async def test_malformed_frames_are_survived(tmp_path, ws_protocol, caplog):
         async with websockets.connect(url, additional_headers=headers) as ws:
             await ws.send('{"event":"mark","mark":{"name":"early"}}')  # out of order
             await ws.send(json.dumps({"event": "connected", "protocol": "Call"}))
-            await ws.send(json.dumps(_start(call_id)))
+            await ws.send(json.dumps(_start(stack, call_id, "CA" + "f" * 32)))
             for junk in [
                 "not json",
                 "[1, 2]",
                 '{"event":"media","media":{"payload":"%%%not-base64"}}',
                 '{"event":"media","media":"oops"}',
                 '{"event":"dtmf","dtmf":{}}',
+                '{"event":"dtmf","dtmf":"5"}',  # wrongly typed fields
+                '{"event":"mark","mark":"m1"}',
                 '{"event":"something-new"}',
                 json.dumps({"event": "media", "media": {"payload": "A" * 200_000}}),
             ]:
@@ -332,8 +334,9 @@ async def test_malformed_frames_are_survived(tmp_path, ws_protocol, caplog):
             metrics = (await http.get("/metrics")).text
 
     assert call["ended_reason"] == "customer-ended-call"
-    # not JSON, not an object, bad base64, oversize; unknown events are ignored silently
-    assert "aisdr_malformed_messages_total 4.0" in metrics
+    # not JSON, not an object, bad base64, two mistyped fields, oversize; unknown events
+    # are ignored silently
+    assert "aisdr_malformed_messages_total 6.0" in metrics
     # a deployment on plain uvicorn is told how to get the faster path
     told = "start uvicorn with --ws api.media_ws:MediaStreamProtocol" in caplog.text
     assert told == (ws_protocol is not None)
@@ -346,7 +349,7 @@ async def test_media_stream_with_a_forged_signature_is_closed_1008(tmp_path):
         url = stack.server.ws_url + "/twilio/media"
         ws = await websockets.connect(url, additional_headers={"X-Twilio-Signature": "x"})
         with pytest.raises(websockets.ConnectionClosed) as closed:
-            await ws.send(json.dumps(_start(call_id)))
+            await ws.send(json.dumps(_start(stack, call_id, "CA" + "e" * 32)))
             await ws.recv()
         await ws.close()
         assert closed.value.rcvd.code == 1008
@@ -360,7 +363,7 @@ def caller_signature(stack: LiveStack) -> str:
     return RequestValidator(AUTH_TOKEN).compute_signature(stack.settings.media_stream_url, {})
 
 
-def _start(call_id: str) -> dict:
+def _start(stack: LiveStack, call_id: str, call_sid: str) -> dict:
     return {
         "event": "start",
         "sequenceNumber": "1",
@@ -368,9 +371,9 @@ def _start(call_id: str) -> dict:
         "start": {
             "streamSid": "MZ" + "0" * 32,
             "accountSid": "AC" + "1" * 32,
-            "callSid": "CA" + "f" * 32,
+            "callSid": call_sid,
             "tracks": ["inbound"],
-            "customParameters": {"call_id": call_id},
+            "customParameters": stack.stream_parameters[call_id],
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
         },
     }

@@ -397,15 +397,20 @@ def _private_hostname() -> str | None:
 
 
 async def test_private_tool_urls_are_refused(tmp_path: Path) -> None:
+    """Literal private hosts at agent creation; a name that resolves to one at send (the
+    other forms: tests/test_ssrf.py)."""
     with ToolServer() as server:
         async with running_app(tmp_path, ALLOW_PRIVATE_URLS=False) as env:
-            urls = [server.url, f"http://localhost:{server.port}/x", "http://10.0.0.5/x"]
+            for url in (server.url, f"http://localhost:{server.port}/x", "http://10.0.0.5/x"):
+                response = await env.http.post(
+                    "/v1/agents", json={"name": "A", "tools": [_http_tool(url)]}
+                )
+                assert response.status_code == 422, (url, response.text)
+                assert response.json()["error"]["field"] == "tools.0.url"
             if name := _private_hostname():
-                urls.append(f"http://{name}:{server.port}/x")  # caught when resolved
-            for number, url in enumerate(urls):
-                agent = await env.agent(tools=[_http_tool(url)])
-                outcome = await env.run(await env.call(agent), "lookup_order", order_id=number)
-                assert "URL was refused" in outcome.result["error"], (url, outcome.result)
+                agent = await env.agent(tools=[_http_tool(f"http://{name}:{server.port}/x")])
+                outcome = await env.run(await env.call(agent), "lookup_order", order_id="1")
+                assert "URL was refused" in outcome.result["error"], outcome.result
         assert server.requests == []
 
 

@@ -9,6 +9,7 @@ Excluded from ruff: these are bare names on purpose.
 # Command-line entry points given as strings: `uvicorn --ws api.media_ws:MediaStreamProtocol`,
 # `uvicorn bench.floor:asgi_app` / `:direct_app`; asyncio calls `connection_made` itself.
 MediaStreamProtocol
+HeadTimeoutProtocol  # uvicorn --http api.http_protocol:HeadTimeoutProtocol (run.sh, Dockerfile)
 asgi_app
 direct_app
 connection_made

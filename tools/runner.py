@@ -28,47 +28,30 @@ chromadb.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import partial
-from itertools import groupby, islice
 from typing import Any
 
 import httpx
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.netguard import UnsafeURLError, check_public_url
-from adapters.signing import SIGNATURE_HEADER, signature
 from adapters.telephony import TelephonyError, TwilioGateway
 from config import Settings
-from models import Agent, Booking, ToolInvocation
+from models import ToolInvocation
 from pipeline.contracts import AgentConfig, ToolContext, ToolOutcome
 from pipeline.providers import ToolCall
-from schemas import BuiltinTool, CalendarSettings, HttpTool, ToolConfig
+from schemas import BuiltinTool, HttpTool, ToolConfig
 from tools import opt_out
-from tools.scheduling import (
-    Interval,
-    Slot,
-    calendar_from,
-    free_slots,
-    horizon_end,
-    local_iso,
-    parse_day,
-    parse_start,
-    spoken_time,
-    spread,
-    unavailable_reason,
-    zone,
-    zone_label,
-)
+from tools.booking import Bookings
+from tools.common import error, is_error, key_hash, refused, text_arg
+from tools.http_tool import HttpTools
 from utils import utcnow
 
 log = logging.getLogger("ai_sdr.tools")
@@ -76,13 +59,15 @@ log = logging.getLogger("ai_sdr.tools")
 TRANSFER_LINE = "Let me transfer you now. Please hold for a moment."
 GOODBYE_LINE = "Thanks for calling. Goodbye!"
 SMS_MAX_CHARS = 640  # four SMS segments
-HTTP_RESULT_MAX_BYTES = 16 * 1024  # what the LLM context can usefully take
 WAIT_FOR_RUNNING_S = 30.0
 STALE_RUNNING = timedelta(minutes=5)  # a "running" claim this old died with its process
-SLOTS_FOR_A_DAY = 6
-DAYS_OFFERED, SLOTS_PER_DAY = 3, 2
-_DROPPED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+SMS_DAY = timedelta(days=1)
 
+_SMS_TO = {
+    "type": "string",
+    "description": "Another number to text, if the caller asks for one of the allowed "
+    "numbers; leave it out to text the caller",
+}
 _TOOL_CONFIG: TypeAdapter[BuiltinTool | HttpTool] = TypeAdapter(ToolConfig)
 
 Handler = Callable[[ToolCall, ToolContext], Awaitable[ToolOutcome]]
@@ -156,24 +141,6 @@ class _Tool:
     filler: str | None
 
 
-def _error(message: str, **extra: Any) -> ToolOutcome:
-    return ToolOutcome(result={"error": message, **extra})
-
-
-def _is_error(result: Any) -> bool:
-    return isinstance(result, dict) and "error" in result
-
-
-def _text(arguments: dict[str, Any], key: str, limit: int = 500) -> str:
-    value = arguments.get(key)
-    return "" if value is None else str(value).strip()[:limit]
-
-
-def key_hash(idempotency_key: str) -> str:
-    """What tool_invocations and bookings store: fixed length, no raw arguments."""
-    return hashlib.sha256(idempotency_key.encode()).hexdigest()
-
-
 class AgentTools:
     """`ToolRunner` over the database, the Twilio gateway and an httpx client whose transport
     refuses private addresses (netguard.PublicOnlyTransport)."""
@@ -192,7 +159,8 @@ class AgentTools:
         self.settings = settings
         self.http = http
         self.clock = clock
-        self._booking_locks: dict[str, asyncio.Lock] = {}
+        self.bookings = Bookings(sessionmaker, clock)
+        self.http_tools = HttpTools(http, settings)
 
     # --- the ToolRunner protocol ------------------------------------------------------------
 
@@ -206,9 +174,9 @@ class AgentTools:
     async def run(self, call: ToolCall, ctx: ToolContext) -> ToolOutcome:
         tool = self._tools_for(ctx.config).get(call.name)
         if tool is None:
-            return _error(f"there is no tool named {call.name!r}")
+            return error(f"there is no tool named {call.name!r}")
         if not isinstance(call.arguments, dict):
-            return _error("tool arguments must be a JSON object")
+            return error("tool arguments must be a JSON object")
         if not tool.once:
             return await self._guarded(tool, call, ctx)
         return await self._once(tool, call, ctx)
@@ -227,13 +195,13 @@ class AgentTools:
             if isinstance(tool, HttpTool):
                 custom[tool.name] = self._http_tool(tool)
             else:
-                builtins.update(self._builtin(tool))
+                builtins.update(self._builtin(tool, config))
         return {**custom, **builtins}  # a built-in name wins over a custom one
 
-    def _builtin(self, tool: BuiltinTool) -> dict[str, _Tool]:
+    def _builtin(self, tool: BuiltinTool, config: AgentConfig) -> dict[str, _Tool]:
         handlers: dict[str, tuple[Handler, bool]] = {
-            "check_availability": (self._check_availability, False),
-            "book_meeting": (self._book_meeting, True),
+            "check_availability": (self.bookings.check_availability, False),
+            "book_meeting": (self.bookings.book_meeting, True),
             "send_sms": (self._send_sms, True),
             "transfer_call": (self._transfer_call, True),
             "end_call": (self._end_call, True),
@@ -246,6 +214,8 @@ class AgentTools:
             if name == tool.type and tool.description:
                 description = tool.description
             handler, once = handlers[name]
+            if name == "send_sms" and config.tool_limits.sms_destinations:
+                properties = {**properties, "to": _SMS_TO}
             schema = _function(name, description, properties, required)
             tools[name] = _Tool(schema, handler, once, tool.filler_phrase)
         return tools
@@ -259,7 +229,7 @@ class AgentTools:
                 "parameters": tool.parameters,
             },
         }
-        return _Tool(schema, partial(self._http, tool), True, tool.filler_phrase)
+        return _Tool(schema, partial(self.http_tools.run, tool), True, tool.filler_phrase)
 
     # --- running and idempotency ------------------------------------------------------------
 
@@ -268,8 +238,8 @@ class AgentTools:
             outcome = await tool.handler(call, ctx)
         except Exception:
             log.exception("call %s: tool %s failed", ctx.config.call_id, call.name)
-            outcome = _error(f"the {call.name} tool failed unexpectedly")
-        status = "error" if _is_error(outcome.result) else "ok"
+            outcome = error(f"the {call.name} tool failed unexpectedly")
+        status = "error" if is_error(outcome.result) else "ok"
         log.info("call %s: tool %s -> %s", ctx.config.call_id, call.name, status)
         return outcome
 
@@ -335,10 +305,10 @@ class AgentTools:
                     select(ToolInvocation).where(ToolInvocation.idempotency_key == key)
                 )
             if fresh is None:
-                return _error("the earlier identical request disappeared; try again")
+                return error("the earlier identical request disappeared; try again")
             invocation = fresh
         if invocation.status != "done" or invocation.result is None:
-            return _error("the same request is still being processed; try again shortly")
+            return error("the same request is still being processed; try again shortly")
         stored = invocation.result
         return ToolOutcome(
             result=stored.get("result"),
@@ -348,7 +318,7 @@ class AgentTools:
         )
 
     async def _settle(self, key: str, outcome: ToolOutcome | None) -> None:
-        failed = outcome is None or _is_error(outcome.result)
+        failed = outcome is None or is_error(outcome.result)
         stored = None
         if outcome is not None:
             stored = json.loads(
@@ -376,142 +346,65 @@ class AgentTools:
         except Exception:
             log.exception("could not record a tool invocation's outcome")
 
-    # --- calendar ---------------------------------------------------------------------------
-
-    async def _calendar(self, agent_id: str) -> CalendarSettings:
-        async with self.sessionmaker() as session:
-            agent = await session.get(Agent, agent_id)
-        return calendar_from(agent.calendar if agent else None)
-
-    async def _busy(self, agent_id: str, start: datetime, end: datetime) -> list[Interval]:
-        async with self.sessionmaker() as session:
-            rows = await session.execute(
-                select(Booking.start_at, Booking.end_at).where(
-                    Booking.agent_id == agent_id,
-                    Booking.status != "cancelled",
-                    Booking.start_at < end,
-                    Booking.end_at > start,
-                )
-            )
-            return [(row.start_at, row.end_at) for row in rows]
-
-    async def _availability(
-        self, agent_id: str, calendar: CalendarSettings, day: date | None
-    ) -> dict[str, Any]:
-        now = self.clock()
-        today = now.astimezone(zone(calendar)).date()
-        last = horizon_end(calendar, now)
-        busy = await self._busy(agent_id, now - timedelta(days=1), now + timedelta(days=400))
-        chosen: list[Slot] = []
-        if day is not None:
-            chosen = spread(free_slots(calendar, busy, now, day, day), SLOTS_FOR_A_DAY)
-        result: dict[str, Any] = {
-            "today": f"{today:%A} {today.isoformat()}",
-            "timezone": calendar.timezone,
-        }
-        if not chosen:
-            after = today if day is None else max(day + timedelta(days=1), today)
-            if day is not None:
-                result["note"] = "no free times that day; here are the next free times"
-            chosen = _first_days(free_slots(calendar, busy, now, after, last))
-        result["free_slots"] = [
-            {"start": local_iso(slot.start, calendar), "spoken": spoken_time(slot.start, calendar)}
-            for slot in chosen
-        ]
-        if not chosen:
-            result["note"] = "no free times in the booking window"
-        return result
-
-    async def _check_availability(self, call: ToolCall, ctx: ToolContext) -> ToolOutcome:
-        calendar = await self._calendar(ctx.config.agent_id)
-        day = None
-        if day_text := _text(call.arguments, "date", 40):
-            today = self.clock().astimezone(zone(calendar)).date()
-            try:
-                day = parse_day(day_text, today)
-            except ValueError as exc:
-                return _error(str(exc))
-        return ToolOutcome(await self._availability(ctx.config.agent_id, calendar, day))
-
-    async def _book_meeting(self, call: ToolCall, ctx: ToolContext) -> ToolOutcome:
-        start_text = _text(call.arguments, "start_time", 40)
-        if not start_text:
-            return _error("start_time is required: pass the 'start' of a free time")
-        calendar = await self._calendar(ctx.config.agent_id)
-        try:
-            start = parse_start(start_text, calendar)
-        except ValueError as exc:
-            return _error(str(exc))
-        lock = self._booking_locks.setdefault(ctx.config.agent_id, asyncio.Lock())
-        async with lock:
-            booking, reason, already = await self._insert_booking(call, ctx, calendar, start)
-        if booking is None:
-            alternatives = await self._availability(ctx.config.agent_id, calendar, start.date())
-            return _error(reason or "that time is not available", **alternatives)
-        return ToolOutcome(_confirmation(booking, calendar, already=already))
-
-    async def _insert_booking(
-        self, call: ToolCall, ctx: ToolContext, calendar: CalendarSettings, start: datetime
-    ) -> tuple[Booking | None, str | None, bool]:
-        """(booking, why not, whether it existed). Callers hold the agent's booking lock, so
-        the conflict check and the insert cannot interleave with another booking."""
-        end = start + timedelta(minutes=calendar.slot_minutes)
-        buffer = timedelta(minutes=calendar.buffer_minutes)
-        key = key_hash(ctx.idempotency_key)
-        async with self.sessionmaker() as session, session.begin():
-            nearby = list(
-                await session.scalars(
-                    select(Booking).where(
-                        Booking.agent_id == ctx.config.agent_id,
-                        Booking.status != "cancelled",
-                        Booking.start_at < end + buffer,
-                        Booking.end_at > start - buffer,
-                    )
-                )
-            )
-            for booking in nearby:
-                same_call = booking.call_id == ctx.config.call_id and booking.start_at == start
-                if same_call or booking.idempotency_key == key:
-                    return booking, None, True
-            busy = [(b.start_at, b.end_at) for b in nearby]
-            reason = unavailable_reason(calendar, start, busy, self.clock())
-            if reason:
-                return None, reason, False
-            booking = Booking(
-                agent_id=ctx.config.agent_id,
-                call_id=ctx.config.call_id,
-                start_at=start,
-                end_at=end,
-                timezone=calendar.timezone,
-                attendee_name=_text(call.arguments, "name", 200) or None,
-                attendee_phone=ctx.config.caller_number[:20] or None,
-                attendee_email=_text(call.arguments, "email", 320) or None,
-                notes=_text(call.arguments, "notes", 2000) or None,
-                idempotency_key=key,
-            )
-            session.add(booking)
-        return booking, None, False
-
     # --- telephony --------------------------------------------------------------------------
 
     async def _send_sms(self, call: ToolCall, ctx: ToolContext) -> ToolOutcome:
-        message = _text(call.arguments, "message", SMS_MAX_CHARS)
+        message = text_arg(call.arguments, "message", SMS_MAX_CHARS)
         if not message:
-            return _error("message is required: the text to send")
+            return error("message is required: the text to send")
         config = ctx.config
         sender = config.agent_number or self.settings.TWILIO_DEFAULT_FROM
-        if not config.caller_number or not sender:
-            return _error("this call has no phone number to text")
+        to = text_arg(call.arguments, "to", 20) or config.caller_number
+        if not to or not sender:
+            return error("this call has no phone number to text")
+        if to != config.caller_number and to not in config.tool_limits.sms_destinations:
+            return refused("sms_destination", "texts can only go to the caller's own phone")
+        if why := await self._sms_budget(ctx, to):
+            return why
         try:
-            sid = await self.twilio.send_sms(to=config.caller_number, from_=sender, body=message)
+            sid = await self.twilio.send_sms(to=to, from_=sender, body=message)
         except TelephonyError as exc:
-            return _error(f"the text message could not be sent ({exc.message})")
-        return ToolOutcome({"sent": True, "message_sid": sid, "to": "the caller's phone"})
+            return error(f"the text message could not be sent ({exc.message})")
+        whom = "the caller's phone" if to == config.caller_number else "the requested number"
+        return ToolOutcome({"sent": True, "message_sid": sid, "to": whom})
+
+    async def _sms_budget(self, ctx: ToolContext, to: str) -> ToolOutcome | None:
+        """A refusal once this call, or this destination today, has had its texts. Counts
+        the claims of texts sent or being sent, this one's included (its claim row is
+        marked with the destination first)."""
+        limits = ctx.config.tool_limits
+        key = key_hash(ctx.idempotency_key)
+        texts = select(func.count()).where(
+            ToolInvocation.tool_name == "send_sms",
+            ToolInvocation.status.in_(("running", "done")),
+        )
+        async with self.sessionmaker() as session, session.begin():
+            await session.execute(
+                update(ToolInvocation)
+                .where(ToolInvocation.idempotency_key == key)
+                .values(destination=to[:20])
+            )
+            this_call = await session.scalar(
+                texts.where(ToolInvocation.call_id == ctx.config.call_id)
+            )
+            today = await session.scalar(
+                texts.where(
+                    ToolInvocation.destination == to[:20],
+                    ToolInvocation.started_at >= self.clock() - SMS_DAY,
+                )
+            )
+        if (this_call or 0) > limits.sms_per_call:
+            return refused(
+                "sms_per_call", f"no more texts on this call (at most {limits.sms_per_call})"
+            )
+        if (today or 0) > limits.sms_per_destination_per_day:
+            return refused("sms_per_destination", "that number has had enough texts for today")
+        return None
 
     async def _transfer_call(self, call: ToolCall, ctx: ToolContext) -> ToolOutcome:
         number = ctx.config.transfer_number
         if not number:
-            return _error("no transfer number is set up; offer to take a message instead")
+            return error("no transfer number is set up; offer to take a message instead")
         return ToolOutcome(
             result={"transferring": True},
             action="transfer",
@@ -523,111 +416,3 @@ class AgentTools:
         goodbye = call.arguments.get("goodbye")
         say = str(goodbye).strip()[:300] if isinstance(goodbye, str) else GOODBYE_LINE
         return ToolOutcome(result={"ending_call": True}, action="end_call", say=say or None)
-
-    # --- custom HTTP tools ------------------------------------------------------------------
-
-    async def _http(self, tool: HttpTool, call: ToolCall, ctx: ToolContext) -> ToolOutcome:
-        try:
-            check_public_url(str(tool.url), self.settings.ALLOW_PRIVATE_URLS)
-            request = self._http_request(tool, call, ctx)
-            async with asyncio.timeout(tool.timeout_seconds):
-                response = await self.http.send(request, stream=True)
-                try:
-                    body, truncated = await _read_capped(response, HTTP_RESULT_MAX_BYTES)
-                finally:
-                    await response.aclose()
-        except UnsafeURLError as exc:
-            return _error(f"the {tool.name} tool's URL was refused: {exc}")
-        except TimeoutError:
-            return _error(f"{tool.name} did not answer within {tool.timeout_seconds:g} seconds")
-        except httpx.HTTPError as exc:
-            return _error(f"{tool.name} could not be reached ({type(exc).__name__})")
-        return ToolOutcome(_http_result(tool, response, body, truncated))
-
-    def _http_request(self, tool: HttpTool, call: ToolCall, ctx: ToolContext) -> httpx.Request:
-        """The request carries the call context; the signature covers the exact bytes sent:
-        the JSON body, or for GET and DELETE the query string."""
-        config = ctx.config
-        context = {
-            "tool": tool.name,
-            "call_id": config.call_id,
-            "agent_id": config.agent_id,
-            "caller_number": config.caller_number,
-        }
-        headers = {k: v for k, v in tool.headers.items() if k.lower() not in _DROPPED_HEADERS}
-        headers["X-Idempotency-Key"] = key_hash(ctx.idempotency_key)
-        if tool.method in ("GET", "DELETE"):
-            params = {**context, **{k: _param(v) for k, v in call.arguments.items()}}
-            request = self.http.build_request(
-                tool.method,
-                httpx.URL(str(tool.url)).copy_merge_params(params),
-                headers=headers,
-                timeout=tool.timeout_seconds,
-            )
-            signed = request.url.query
-        else:
-            body = json.dumps({**context, "arguments": call.arguments}, separators=(",", ":"))
-            headers["Content-Type"] = "application/json"
-            request = self.http.build_request(
-                tool.method,
-                str(tool.url),
-                content=body.encode(),
-                headers=headers,
-                timeout=tool.timeout_seconds,
-            )
-            signed = request.content
-        secret = self.settings.WEBHOOK_SIGNING_SECRET
-        request.headers[SIGNATURE_HEADER] = signature(secret, signed, int(time.time()))
-        return request
-
-
-def _param(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
-    body = bytearray()
-    async for piece in response.aiter_bytes():
-        body += piece
-        if len(body) > limit:
-            return bytes(body[:limit]), True
-    return bytes(body), False
-
-
-def _http_result(tool: HttpTool, response: httpx.Response, body: bytes, truncated: bool) -> Any:
-    text = body.decode(response.encoding or "utf-8", errors="replace")
-    if response.status_code >= 400:
-        return {"error": f"{tool.name} answered HTTP {response.status_code}", "detail": text[:300]}
-    if not truncated:
-        try:
-            return json.loads(text)
-        except ValueError:
-            pass
-    return text + (" [truncated]" if truncated else "")
-
-
-def _first_days(slots: list[Slot]) -> list[Slot]:
-    """A couple of slots from each of the first few days that have any."""
-    days = groupby(slots, key=lambda slot: slot.start.date())
-    chosen: list[Slot] = []
-    for _, day in islice(days, DAYS_OFFERED):
-        chosen += spread(list(day), SLOTS_PER_DAY)
-    return chosen
-
-
-def _confirmation(booking: Booking, calendar: CalendarSettings, *, already: bool) -> dict[str, Any]:
-    when = spoken_time(booking.start_at, calendar)
-    label = zone_label(calendar)
-    sentence = (
-        f"That meeting is already booked for {when}, {label}."
-        if already
-        else f"You're booked for {when}, {label}."
-    )
-    return {
-        "booked": True,
-        "booking_id": booking.id,
-        "start": local_iso(booking.start_at, calendar),
-        "when": when,
-        "timezone": calendar.timezone,
-        "confirmation": sentence,
-    }
