@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     ANALYSIS_MAX_ATTEMPTS: int = Field(default=10, ge=1)
     ANALYSIS_RETRY_BASE_S: float = Field(default=30.0, gt=0)
 
+    # --- outbound campaigns -------------------------------------------------------------
+    CAMPAIGN_INBOUND_RESERVE: int = Field(default=10, ge=0)
+    CAMPAIGN_TICK_MS: int = Field(default=200, ge=10, le=5000)
+    CAMPAIGN_LEASE_S: float = Field(default=60.0, gt=0)
+    DEFAULT_PHONE_REGION: str = Field(default="US", pattern=r"^[A-Z]{2}$")
+
     # --- voice pipeline -----------------------------------------------------------------
     VAD_THRESHOLD: float = 0.5
     DEFAULT_MIN_INTERRUPT_SPEECH_MS: int = 60

@@ -19,10 +19,14 @@ from api import (
     analytics,
     bookings,
     calls,
+    campaign_results,
+    campaigns,
+    dnc,
     health,
     knowledge,
     operator,
     twilio,
+    twilio_amd,
     webhooks,
 )
 from api.errors import BodySizeLimit, install_error_handlers
@@ -48,9 +52,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = PipelineMetrics()
     install_error_handlers(app)
     uploads = {knowledge.UPLOAD_PATH: knowledge.upload_body_limit(settings.MAX_DOCUMENT_BYTES)}
+    uploads |= {path: campaigns.UPLOAD_BYTES for path in campaigns.UPLOAD_PATHS}
     app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_REQUEST_BYTES, routes=uploads)
     # webhooks first: /v1/calls/export must not be taken for /v1/calls/{call_id}
-    for module in (webhooks, agents, calls, analytics, knowledge, bookings, twilio, health):
+    routers = [webhooks, agents, calls, analytics, campaigns, campaign_results, dnc]
+    for module in (*routers, knowledge, bookings, twilio, twilio_amd, health):
         app.include_router(module.router)
     app.include_router(operator.router_for(settings))
     operator.warn_if_open(settings)

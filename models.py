@@ -91,6 +91,11 @@ class Agent(Base):
     webhook_events: Mapped[list[Any]] = mapped_column(default=list)
     recording_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
     phone_number: Mapped[str | None] = mapped_column(String(20), unique=True, nullable=True)
+    voicemail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """Outbound answering-machine handling: `detect`, `action` (`hang_up`/`leave_message`),
+    `message` (a template)."""
+    disclosure: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Spoken before the first message ("this call is recorded")."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -115,6 +120,7 @@ class Call(Base):
             "lead_score",
             "started_at",
         ),
+        Index("ix_calls_campaign", "campaign_id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("call"))
@@ -144,6 +150,14 @@ class Call(Base):
     # copies of analysis["outcome"] and ["lead_score"], indexed for the analytics
     outcome: Mapped[str | None] = mapped_column(String(40), nullable=True)
     lead_score: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # `metadata` is taken by SQLAlchemy's declarative base: the attribute has another name
+    call_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    campaign_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    contact_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    answered_by: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    """Twilio's answering-machine detection result (`human`, `machine_end_beep`, `fax`...)."""
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     agent: Mapped[Agent | None] = relationship(lazy="raise")
     turns: Mapped[list[TranscriptTurn]] = relationship(
@@ -293,3 +307,95 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+# --- outbound campaigns -----------------------------------------------------------------
+
+
+class Campaign(Base):
+    __tablename__ = "campaigns"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("cmp"))
+    name: Mapped[str] = mapped_column(String(200))
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"), index=True)
+    from_number: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    status: Mapped[str] = mapped_column(String(20), default="draft")
+    calling_window: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    max_concurrent_calls: Mapped[int] = mapped_column(Integer, default=5)
+    calls_per_second: Mapped[float] = mapped_column(Float, default=1.0)
+    retry_policy: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    start_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    end_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    next_dial_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    """Pacing: the earliest time of the next dial, moved forward by a conditional UPDATE."""
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class CampaignContact(Base):
+    """One number of a campaign, a small state machine: `pending` (due at
+    `next_attempt_at`) -> `dialing` (claimed; `lease_until` says when to check on it) ->
+    `pending` again for a retry, or a final state (the outcome, `suppressed`, `expired`,
+    `cancelled`)."""
+
+    __tablename__ = "campaign_contacts"
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "phone"),
+        Index("ix_campaign_contacts_due", "campaign_id", "state", "next_attempt_at"),
+        Index("ix_campaign_contacts_phone_state", "phone", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("cct"))
+    campaign_id: Mapped[str] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    phone: Mapped[str] = mapped_column(String(20))
+    timezone: Mapped[str] = mapped_column(String(64))
+    variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    contact_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_outcome: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(nullable=True)
+    line: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """The CSV line (or list index) it was imported from."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class CampaignAttempt(Base):
+    """One dial of a contact; `(contact_id, number)` is unique, so an attempt is never
+    made twice whoever claims it."""
+
+    __tablename__ = "campaign_attempts"
+    __table_args__ = (UniqueConstraint("contact_id", "number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    campaign_id: Mapped[str] = mapped_column(
+        ForeignKey("campaigns.id", ondelete="CASCADE"), index=True
+    )
+    contact_id: Mapped[str] = mapped_column(
+        ForeignKey("campaign_contacts.id", ondelete="CASCADE"), index=True
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    call_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    twilio_call_sid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class DncEntry(Base):
+    """The do-not-call list: a number here is never dialed."""
+
+    __tablename__ = "dnc_numbers"
+
+    phone: Mapped[str] = mapped_column(String(20), primary_key=True)
+    reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    source: Mapped[str] = mapped_column(String(20), default="api")
+    call_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

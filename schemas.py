@@ -29,6 +29,11 @@ VariableValue = Annotated[str, StringConstraints(max_length=2000)] | int | float
 Variables = Annotated[
     dict[Annotated[str, StringConstraints(max_length=64)], VariableValue], Field(max_length=50)
 ]
+Metadata = Annotated[
+    dict[Annotated[str, StringConstraints(max_length=64)], VariableValue | None],
+    Field(max_length=50),
+]
+"""Opaque to the service: echoed in call records, results and every webhook."""
 
 DEFAULT_BACKCHANNELS = [
     "uh-huh",
@@ -58,7 +63,7 @@ class Strict(BaseModel):
 
 
 class BuiltinTool(Strict):
-    type: Literal["book_meeting", "send_sms", "transfer_call", "end_call"]
+    type: Literal["book_meeting", "send_sms", "transfer_call", "end_call", "opt_out"]
     description: Annotated[str, StringConstraints(max_length=1000)] | None = None
     filler_phrase: Annotated[str, StringConstraints(max_length=300)] | None = None
 
@@ -99,7 +104,7 @@ class ToolLimitSettings(Strict):
     sms_destinations: list[E164] = Field(default_factory=list, max_length=20)
 
 
-_HHMM = r"^([01]\d|2[0-3]):[0-5]\d$"
+HHMM = r"^([01]\d|2[0-3]):[0-5]\d$"
 
 
 class CalendarSettings(Strict):
@@ -107,8 +112,8 @@ class CalendarSettings(Strict):
     working_days: list[Annotated[int, Field(ge=0, le=6)]] = Field(
         default_factory=lambda: [0, 1, 2, 3, 4], max_length=7
     )
-    working_hours_start: Annotated[str, StringConstraints(pattern=_HHMM)] = "09:00"
-    working_hours_end: Annotated[str, StringConstraints(pattern=_HHMM)] = "17:00"
+    working_hours_start: Annotated[str, StringConstraints(pattern=HHMM)] = "09:00"
+    working_hours_end: Annotated[str, StringConstraints(pattern=HHMM)] = "17:00"
     slot_minutes: int = Field(default=30, ge=5, le=480)
     buffer_minutes: int = Field(default=10, ge=0, le=240)
     booking_horizon_days: int = Field(default=14, ge=1, le=365)
@@ -127,6 +132,15 @@ WebhookEventName = Literal[
 
 
 # --- agents -----------------------------------------------------------------------------
+
+
+class VoicemailSettings(Strict):
+    """Outbound calls: answering-machine detection, and what to do on a machine."""
+
+    detect: bool = True
+    action: Literal["hang_up", "leave_message"] = "hang_up"
+    message: Annotated[str, StringConstraints(max_length=1000)] = ""
+    """A template (`{{name}}`), spoken after the beep with `leave_message`."""
 
 
 class AgentFields(Strict):
@@ -158,6 +172,8 @@ class AgentFields(Strict):
     webhook_events: list[WebhookEventName] | None = Field(default=None, max_length=5)
     recording_enabled: bool | None = None
     phone_number: E164 | None = None
+    voicemail: VoicemailSettings | None = None
+    disclosure: Annotated[str, StringConstraints(max_length=500)] | None = None
 
     @field_validator("tools")
     @classmethod
@@ -196,6 +212,7 @@ AGENT_DEFAULTS: dict[str, Any] = {
     "analysis_schema": {},
     "webhook_events": [],
     "recording_enabled": False,
+    "voicemail": {},
 }
 
 
@@ -239,6 +256,8 @@ class AgentRead(BaseModel):
     webhook_events: list[str]
     recording_enabled: bool
     phone_number: str | None
+    voicemail: dict[str, Any]
+    disclosure: str | None
     created_at: datetime
     updated_at: datetime
 
@@ -253,6 +272,7 @@ class CallCreate(Strict):
     to: E164
     from_: E164 | None = Field(default=None, alias="from")
     variables: Variables = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class TurnRead(BaseModel):
@@ -296,6 +316,10 @@ class CallRead(BaseModel):
     analysis: dict[str, Any] | None
     analysis_status: str | None
     analysis_error: str | None
+    metadata: dict[str, Any] = Field(validation_alias="call_metadata")
+    campaign_id: str | None = None
+    contact_id: str | None = None
+    answered_by: str | None = None
 
 
 class CallDetail(CallRead):

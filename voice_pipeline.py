@@ -56,6 +56,13 @@ from pipeline.speech import BargeIn, EarlyAnswer, Speech, TurnTiming
 from pipeline.synthesis import Synthesis
 from pipeline.text import is_backchannel, words_of
 from pipeline.vad import VADEvent, VADPause, VADResume, VADSpeechEnd, VADSpeechStart, VADStream
+from pipeline.voicemail import (
+    FAX,
+    HUMAN_RESULTS,
+    MACHINE_RESULTS,
+    VOICEMAIL,
+    is_voicemail_greeting,
+)
 
 __all__ = ["LEAD_S", "CallManager", "CallSession"]  # LEAD_S: the bench reads it from here
 
@@ -163,6 +170,8 @@ class CallSession:
         self._reprompted = False
         self._ending = False
         self._tg: asyncio.TaskGroup | None = None
+        self._awaiting_human = config.wait_for_human  # outbound: no pitch to a machine
+        self._to_machine = False  # leaving a voicemail: barge-in is off
         self._running = asyncio.Event()  # the loops are up
         self._done = asyncio.Event()  # `run()` has returned
 
@@ -210,8 +219,10 @@ class CallSession:
             tg.create_task(self.playout.run(), name="pacer")
             tg.create_task(self._watchdog_loop(), name="watchdog")
             self._running.set()
-            if self.config.first_message_mode == "assistant_speaks_first" and (
-                self.config.first_message
+            if (
+                self.config.first_message_mode == "assistant_speaks_first"
+                and self.config.first_message
+                and not self._awaiting_human
             ):
                 self._start_speech("greeting", self.config.first_message)
 
@@ -239,8 +250,56 @@ class CallSession:
             hang_up.close()
         await self._done.wait()
 
+    async def answered_by(self, result: str) -> None:
+        """Twilio's answering-machine detection: a human gets the greeting now; a machine
+        whose greeting ended gets the voicemail (or a hang-up); a fax, a hang-up."""
+        await _either(self._running, self._done)
+        if self._done.is_set() or self._ending:
+            return
+        self.recorder.event("answered_by", result=result)
+        if result in HUMAN_RESULTS:
+            if self._awaiting_human and self.playout.speech is None:
+                self._human_confirmed()
+            self._awaiting_human = False
+        elif result in MACHINE_RESULTS:
+            self._awaiting_human = False
+            self._to_machine = True
+            await self.end(VOICEMAIL, self._voicemail_message() or None)
+        elif result == FAX:
+            await self.end(FAX)
+
     def call_time(self) -> float:
         return round(self.clock() - self.started_at, 3)
+
+    def _voicemail_message(self) -> str:
+        if self.config.voicemail_action != "leave_message":
+            return ""
+        return self.config.voicemail_message
+
+    def _human_confirmed(self) -> None:
+        """A person is on the line: the pitch starts (the first message, if any)."""
+        self._awaiting_human = False
+        if self.config.first_message and self.config.first_message_mode == "assistant_speaks_first":
+            self._start_speech("greeting", self.config.first_message)
+
+    def _first_callee_turn(self, text: str) -> bool:
+        """The first thing an outbound callee said, before a human was known: a
+        voicemail greeting gets the message and a hang-up; a person gets the greeting.
+        True when that took the turn (no answer to it)."""
+        self._awaiting_human = False
+        if is_voicemail_greeting(text):
+            self.recorder.event("answered_by", result="machine_transcript")
+            self._to_machine = True
+            message = self._voicemail_message()
+            if message:
+                self._say_goodbye(message, VOICEMAIL)
+            else:
+                self._spawn(self._hang_up(VOICEMAIL))
+            return True
+        if self.config.first_message and self.config.first_message_mode == "assistant_speaks_first":
+            self._start_speech("greeting", self.config.first_message)
+            return True
+        return False
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._tg is not None
@@ -287,6 +346,8 @@ class CallSession:
         self._utt_end = None
         if self._utt_onset is None:
             self._utt_onset = event.onset
+        if self._to_machine:
+            return  # a machine does not listen: its beep or greeting interrupts nothing
         if self.playout.speech is not None and not self.playout.paused and self._barge_in is None:
             self._pause_for_barge_in(event)
 
@@ -375,6 +436,8 @@ class CallSession:
         self._finals, self._interim, self._timing = [], "", TurnTiming()
         self._finalizes_pending = 0
         self._utt_onset = self._utt_end = None
+        if self._to_machine:
+            return  # a machine's greeting: the voicemail goes on regardless
         if self._barge_in is not None:
             if not self._interrupts(text):
                 self._resume_after_barge_in("backchannel")
@@ -395,6 +458,7 @@ class CallSession:
         to be heard only if the turn ends with this transcript."""
         text = " ".join(self._finals).strip()
         idle = self.playout.speech is None and self._barge_in is None and not self._ending
+        idle = idle and not self._awaiting_human  # the first turn may be a machine's
         if not (self.deps.early_answers and idle and text):
             return
         if self._early is not None:
@@ -444,6 +508,8 @@ class CallSession:
         )
         self.history.append({"role": "user", "content": text})
         self.deps.metrics.observe_turn_ms("stt_final", timing.ms(timing.final_at))
+        if self._awaiting_human and self._first_callee_turn(text):
+            return
         if early is None:
             self._start_speech("answer", lambda speech: self.answer.stream(speech, text, timing))
             return
@@ -694,6 +760,20 @@ class CallManager:
         """Live sessions by call id."""
         self._starting: set[str] = set()
         """Call ids whose stream is being admitted."""
+        self._control_tasks: set[asyncio.Task[None]] = set()
+
+    def control(
+        self, call_id: str, action: Callable[[CallSession], Coroutine[Any, Any, None]]
+    ) -> bool:
+        """Run `action` on the live session of `call_id` in the background (it may last
+        until the call ends); False when the call has no live session here."""
+        session = self.active.get(call_id)
+        if session is None:
+            return False
+        task = asyncio.get_running_loop().create_task(action(session), name="call-control")
+        self._control_tasks.add(task)
+        task.add_done_callback(self._control_tasks.discard)
+        return True
 
     async def handle(self, transport: MediaTransport) -> None:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -118,6 +119,26 @@ class CreatedCall:
 _RECORDING_SID = re.compile(r"RE[0-9a-fA-F]{32}")
 
 
+@dataclass(slots=True)
+class FetchedCall:
+    sid: str
+    status: str
+    duration: float | None
+    answered_by: str | None
+    created_at: datetime | None
+
+
+def _fetched(call: Any) -> FetchedCall:
+    duration = getattr(call, "duration", None)
+    return FetchedCall(
+        sid=call.sid,
+        status=str(call.status),
+        duration=float(duration) if duration not in (None, "") else None,
+        answered_by=getattr(call, "answered_by", None),
+        created_at=getattr(call, "date_created", None),
+    )
+
+
 class TwilioGateway:
     """Twilio REST through the SDK's async client; the base URL is a setting so tests and
     the no-accounts demo reach the local emulator."""
@@ -139,7 +160,10 @@ class TwilioGateway:
         status_callback: str,
         record: bool = False,
         recording_status_callback: str = "",
+        amd_callback: str = "",
     ) -> CreatedCall:
+        """`amd_callback`: ask for async answering-machine detection that waits for the
+        end of a machine's greeting, its result POSTed there."""
         kwargs: dict[str, Any] = {
             "to": to,
             "from_": from_,
@@ -150,8 +174,26 @@ class TwilioGateway:
         }
         if record:
             kwargs.update(record=True, recording_status_callback=recording_status_callback)
+        if amd_callback:
+            kwargs.update(
+                machine_detection="DetectMessageEnd",
+                async_amd="true",
+                async_amd_status_callback=amd_callback,
+                async_amd_status_callback_method="POST",
+            )
         call = await self._run(self.client.calls.create_async(**kwargs))
         return CreatedCall(sid=call.sid, status=call.status)
+
+    async def fetch_call(self, call_sid: str) -> FetchedCall:
+        """The call as Twilio has it now (reconciling a call whose callbacks never came)."""
+        call = await self._run(self.client.calls(call_sid).fetch_async())
+        return _fetched(call)
+
+    async def find_calls(self, *, to: str, since: datetime) -> list[FetchedCall]:
+        """Calls to `to` created at or after `since` (a dial whose answer was lost)."""
+        calls = await self._run(self.client.calls.list_async(to=to, limit=20))
+        found = [_fetched(c) for c in calls]
+        return [c for c in found if c.created_at is None or c.created_at >= since]
 
     async def update_call_twiml(self, call_sid: str, twiml: str) -> None:
         await self._run(self.client.calls(call_sid).update_async(twiml=twiml))

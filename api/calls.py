@@ -1,4 +1,5 @@
-"""`/v1/calls`: place an outbound call, list and read calls with their transcripts.
+"""`/v1/calls`: place an outbound call (with an optional `Idempotency-Key`; never to a number
+on the do-not-call list), list and read calls with their transcripts, end a live call.
 
 Must not import: twilio, deepgram, ollama, chromadb.
 """
@@ -7,10 +8,11 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import ColumnElement, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -29,11 +31,15 @@ from api.deps import (
     require_api_key,
 )
 from api.errors import APIError, not_found
+from api.idempotency import IdempotencyKey, replay, request_hash
 from api.stream_binding import TOKEN_PARAMETER, StreamTokens
 from config import Settings
-from models import Agent, Call
+from models import TERMINAL_STATUSES, Agent, Call, DncEntry
 from schemas import CallCreate, CallDetail, CallRead, Page
 from utils import mask_phone, new_id
+
+if TYPE_CHECKING:
+    from voice_pipeline import CallSession
 
 log = logging.getLogger("ai_sdr.api")
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -41,7 +47,11 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 _DIAL_ERRORS: dict[int | str, dict[str, Any]] = {
     502: {"description": "Twilio refused the call (its code in the message); the call is failed"},
     503: {"description": "MAX_CONCURRENT_CALLS are up: nothing stored, retry after Retry-After"},
+    409: {"description": "`dnc`: the number is on the do-not-call list; or the key was reused"},
 }
+API_ENDED = "api-ended-call"
+"""`ended_reason` of a call hung up through `POST /v1/calls/{id}/end`."""
+END_GOODBYE = "Sorry, I have to go now. Thanks for your time, goodbye."
 
 
 @router.post(
@@ -59,7 +69,15 @@ async def create_call(
     admission: AdmissionDep,
     metrics: MetricsDep,
     tokens: StreamTokensDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> Call:
+    digest = request_hash(body)
+    if idempotency_key:
+        existing = await session.scalar(select(Call).where(Call.idempotency_key == idempotency_key))
+        if existing is not None:
+            return replay(existing, digest)
+    if await session.get(DncEntry, body.to) is not None:
+        raise APIError(409, "dnc", "to: the number is on the do-not-call list", "to")
     agent = await session.get(Agent, body.agent_id)
     if agent is None:
         raise APIError(404, "not_found", f"agent {body.agent_id!r} does not exist", "agent_id")
@@ -78,7 +96,17 @@ async def create_call(
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
     try:
-        return await _dial(session, settings, twilio, tokens, agent, body, call_id, from_number)
+        return await _dial(
+            session,
+            settings,
+            twilio,
+            tokens,
+            agent,
+            body,
+            call_id,
+            from_number,
+            (idempotency_key, digest),
+        )
     except BaseException:
         admission.release(call_id)  # not dialled (Twilio refused, or the request failed)
         raise
@@ -93,6 +121,7 @@ async def _dial(
     body: CallCreate,
     call_id: str,
     from_number: str,
+    idempotency: tuple[str | None, str],
 ) -> Call:
     call = Call(
         id=call_id,
@@ -102,9 +131,19 @@ async def _dial(
         to_number=body.to,
         status="queued",
         variables={**agent.variables, **body.variables},
+        call_metadata=dict(body.metadata),
+        idempotency_key=idempotency[0],
+        request_hash=idempotency[1],
     )
     session.add(call)
-    await session.commit()
+    try:
+        await session.commit()
+    except IntegrityError:  # the same Idempotency-Key raced in: answer as its repeat
+        await session.rollback()
+        existing = await session.scalar(select(Call).where(Call.idempotency_key == idempotency[0]))
+        if existing is None:
+            raise
+        return replay(existing, idempotency[1])
     token = tokens.mint(call.id, outbound=True)
     twiml = stream_twiml(settings.media_stream_url, {"call_id": call.id, TOKEN_PARAMETER: token})
     try:
@@ -115,6 +154,7 @@ async def _dial(
             status_callback=settings.public_url("/twilio/status"),
             record=agent.recording_enabled,
             recording_status_callback=settings.public_url("/twilio/recording"),
+            amd_callback=amd_callback(settings, agent),
         )
     except TelephonyError as exc:
         call.status, call.ended_reason = "failed", "failed"
@@ -189,3 +229,41 @@ async def read_call(call_id: str, session: SessionDep) -> Call:
     if call is None:
         raise not_found("call", call_id)
     return call
+
+
+def amd_callback(settings: Settings, agent: Agent) -> str:
+    """Where Twilio posts the answering-machine result; empty when the agent turned
+    detection off."""
+    if not (agent.voicemail or {}).get("detect", True):
+        return ""
+    return settings.public_url("/twilio/amd")
+
+
+@router.post(
+    "/calls/{call_id}/end", status_code=202, response_model=CallRead, response_model_by_alias=True
+)
+async def end_call(call_id: str, session: SessionDep, twilio: TwilioDep, request: Request) -> Call:
+    """Hang up a live call: the agent finishes with a goodbye if it is speaking, then
+    hangs up (a call whose stream is not up here is hung up through Twilio). The record
+    settles with `ended_reason` `api-ended-call`; a 409 if it had already ended."""
+    call = await session.get(Call, call_id)
+    if call is None:
+        raise not_found("call", call_id)
+    if call.status in TERMINAL_STATUSES:
+        raise APIError(409, "call_ended", f"call {call_id!r} has already ended ({call.status})")
+    if not call.twilio_call_sid:
+        raise APIError(409, "not_dialed", f"call {call_id!r} has no Twilio call yet")
+    if request.app.state.calls.control(call.id, _end_live):
+        return call  # the session says its goodbye if it is speaking, then hangs up
+    call.ended_reason = call.ended_reason or API_ENDED
+    await session.commit()
+    try:
+        await twilio.hang_up(call.twilio_call_sid)
+    except TelephonyError as exc:
+        raise APIError(502, "twilio_error", f"Twilio error {exc.code}: {exc.message}") from None
+    return call
+
+
+async def _end_live(call: CallSession) -> None:
+    goodbye = END_GOODBYE if call.playout.speech is not None else None
+    await call.end(API_ENDED, goodbye)

@@ -64,7 +64,7 @@ def _twiml(body: str) -> Response:
     return Response(content=body, media_type="application/xml")
 
 
-def _first(params: dict[str, Any], key: str) -> str:
+def first_param(params: dict[str, Any], key: str) -> str:
     value = params.get(key, "")
     return str(value[0] if isinstance(value, list) else value)
 
@@ -74,7 +74,7 @@ async def voice_webhook(
     params: TwilioForm, session: SessionDep, request: Request, tokens: StreamTokensDep
 ) -> Response:
     settings: Settings = request.app.state.settings
-    call_sid, called, caller = (_first(params, k) for k in ("CallSid", "To", "From"))
+    call_sid, called, caller = (first_param(params, k) for k in ("CallSid", "To", "From"))
     if not call_sid:
         raise APIError(422, "validation_error", "CallSid: field required", "CallSid")
     call = await session.scalar(select(Call).where(Call.twilio_call_sid == call_sid))
@@ -138,12 +138,12 @@ async def _record_refused(request: Request, session: SessionDep, call: Call) -> 
 @router.post("/status", status_code=204)
 async def status_callback(params: TwilioForm, session: SessionDep, request: Request) -> Response:
     call = await session.scalar(
-        select(Call).where(Call.twilio_call_sid == _first(params, "CallSid"))
+        select(Call).where(Call.twilio_call_sid == first_param(params, "CallSid"))
     )
     if call is None:
         return Response(status_code=204)  # not ours (or already deleted): nothing to move
-    status = _first(params, "CallStatus")
-    duration_text = _first(params, "CallDuration")
+    status = first_param(params, "CallStatus")
+    duration_text = first_param(params, "CallDuration")
     duration = float(duration_text) if duration_text.isdigit() else None
     changed = apply_status(call, status, duration=duration)
     if call.status in TERMINAL_STATUSES:  # ended before (or without) its stream: free its slot
@@ -161,11 +161,11 @@ async def status_callback(params: TwilioForm, session: SessionDep, request: Requ
 @router.post("/recording", status_code=204)
 async def recording_callback(params: TwilioForm, session: SessionDep) -> Response:
     call = await session.scalar(
-        select(Call).where(Call.twilio_call_sid == _first(params, "CallSid"))
+        select(Call).where(Call.twilio_call_sid == first_param(params, "CallSid"))
     )
-    if call is not None and _first(params, "RecordingStatus") in ("completed", ""):
-        call.recording_url = _first(params, "RecordingUrl") or None
-        call.recording_sid = _first(params, "RecordingSid") or None
+    if call is not None and first_param(params, "RecordingStatus") in ("completed", ""):
+        call.recording_url = first_param(params, "RecordingUrl") or None
+        call.recording_sid = first_param(params, "RecordingSid") or None
         await session.commit()
     return Response(status_code=204)
 

@@ -24,6 +24,7 @@ from typing import Any
 from emulators.base import stop_all
 from emulators.deepgram import DeepgramEmulator
 from emulators.ollama import OllamaEmulator
+from emulators.twilio_dialplan import DialPlan
 from emulators.twilio_rest import TwilioRestEmulator
 
 DEFAULT_PORTS = {"twilio": 4010, "deepgram": 4011, "ollama": 4012}
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reply", action="append", help="Ollama reply per user turn (repeatable)")
     p.add_argument("--ttft-ms", type=float, help="Ollama time to first token")
     p.add_argument("--tokens-per-s", type=float, help="Ollama token rate")
+    p.add_argument("--dial-plan", type=Path, help="JSON: who answers the calls the service places")
     return p.parse_args(argv)
 
 
@@ -84,8 +86,11 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             },
         ),
     }
+    twilio_emulator = TwilioRestEmulator(**twilio, host=args.host, port=args.twilio_port)
+    if args.dial_plan:
+        twilio_emulator.dial_plan = DialPlan.from_dict(json.loads(args.dial_plan.read_text()))
     return {
-        "twilio": TwilioRestEmulator(**twilio, host=args.host, port=args.twilio_port),
+        "twilio": twilio_emulator,
         "deepgram": DeepgramEmulator(deepgram, host=args.host, port=args.deepgram_port),
         "ollama": OllamaEmulator(ollama, host=args.host, port=args.ollama_port),
     }

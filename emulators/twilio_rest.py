@@ -3,15 +3,19 @@ with Basic auth, Twilio's parameter validation codes and its JSON success and le
 bodies, so the real `twilio` SDK can be pointed at it (`client.api.base_url = emu.url`).
 
 It also plays Twilio's webhook side: `post_status_callback()` sends a form POST signed with
-X-Twilio-Signature the way Twilio does (PROTOCOLS A5/A6).
+X-Twilio-Signature the way Twilio does (PROTOCOLS A5/A6). With a `dial_plan`
+(`emulators.twilio_dialplan`) it also plays each created call's life: who answers, the
+signed status and AMD callbacks, and the Media Stream of an answered call.
 
 Of ours, imports only: emulators, utils.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import secrets
 import time
@@ -30,6 +34,7 @@ from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 
 from emulators.base import ThreadedServer
+from emulators.twilio_dialplan import CallRunner, DialPlan
 from utils import normalize_e164
 
 API = "/2010-04-01"
@@ -129,6 +134,9 @@ class TwilioRestEmulator(ThreadedServer):
         self._requests: list[dict[str, Any]] = []
         self._failures: deque[TwilioError] = deque()
         self._callback_sequence: dict[str, int] = {}
+        self.dial_plan: DialPlan | None = None
+        self._runners: dict[str, CallRunner] = {}
+        self._runner_tasks: set[asyncio.Task[None]] = set()
 
     # --- recorded state -----------------------------------------------------------------
 
@@ -175,6 +183,30 @@ class TwilioRestEmulator(ThreadedServer):
         """Make the next `count` API requests fail with Twilio's legacy error body."""
         with self.lock:
             self._failures.extend(TwilioError(status, code, message) for _ in range(count))
+
+    def set_answered_by(self, call_sid: str, answered_by: str) -> None:
+        with self.lock:
+            self._calls[call_sid]["answered_by"] = answered_by
+
+    def end_call(self, call_sid: str, status: str, duration: int) -> None:
+        """The call's end as the dial plan played it: status, duration and end time."""
+        with self.lock:
+            call = self._calls[call_sid]
+            call["status"] = status
+            call["duration"] = str(duration)
+            call["end_time"] = call["date_updated"] = _rfc2822(datetime.now(UTC))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.running and self._runner_tasks:
+            with contextlib.suppress(Exception):
+                self.run_in_loop(self._cancel_runners(), timeout=timeout)
+        super().stop(timeout)
+
+    async def _cancel_runners(self) -> None:
+        tasks = list(self._runner_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def set_call_status(self, call_sid: str, status: str) -> None:
         if status not in CALL_STATUSES:
@@ -325,7 +357,10 @@ class TwilioRestEmulator(ThreadedServer):
         return await self._handle(request, self._do_create_call)
 
     async def _list_calls(self, request: Request) -> Response:
-        return await self._handle(request, self._do_list_calls)
+        query = dict(request.query_params)
+        return await self._handle(
+            request, lambda path, form: self._do_list_calls(path, form, query)
+        )
 
     async def _update_call(self, request: Request) -> Response:
         return await self._handle(request, self._do_update_call)
@@ -367,6 +402,12 @@ class TwilioRestEmulator(ThreadedServer):
             label="From",
         )
         _check_call_instructions(params)
+        _check_amd(params)
+        answer = None
+        if self.dial_plan is not None:
+            answer = self.dial_plan.answer_for(to)
+            if answer.kind == "invalid":
+                raise TwilioError(400, 21211, f"Invalid 'To' Phone Number: {to}")
         now = _rfc2822(datetime.now(UTC))
         sid = new_sid("CA")
         call = {
@@ -412,11 +453,20 @@ class TwilioRestEmulator(ThreadedServer):
         }
         with self.lock:
             self._calls[sid] = record
+        if answer is not None and self.dial_plan is not None:
+            runner = CallRunner(self, self.dial_plan, sid, answer)
+            self._runners[sid] = runner
+            task = asyncio.get_running_loop().create_task(runner.run())
+            self._runner_tasks.add(task)
+            task.add_done_callback(self._runner_tasks.discard)
         return 201, call
 
-    def _do_list_calls(self, path: dict[str, str], form: Form) -> tuple[int, dict[str, Any]]:
+    def _do_list_calls(
+        self, path: dict[str, str], form: Form, query: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        to = (query or {}).get("To")
         with self.lock:
-            calls = [self._public(c) for c in self._calls.values()]
+            calls = [self._public(c) for c in self._calls.values() if not to or c["to"] == to]
         return 200, {"calls": calls, "page": 0, "page_size": 50, "next_page_uri": None}
 
     def _do_fetch_call(self, path: dict[str, str], form: Form) -> tuple[int, dict[str, Any]]:
@@ -445,6 +495,9 @@ class TwilioRestEmulator(ThreadedServer):
             self._call_updates.append(
                 {"time": time.time(), "sid": sid, "params": params, "form": form}
             )
+            runner = self._runners.get(sid)
+            if runner is not None and (status is not None or "Twiml" in params or "Url" in params):
+                runner.hang_up()
             return 200, self._public(call)
 
     @staticmethod
@@ -570,6 +623,19 @@ def _check_call_instructions(params: dict[str, str]) -> None:
         _check_twiml(params["Twiml"])
     if params.get("StatusCallback") and not _is_url(params["StatusCallback"]):
         raise TwilioError(400, 21609, "Invalid StatusCallback URL")
+
+
+def _check_amd(params: dict[str, str]) -> None:
+    """Answering-machine detection parameters, as Twilio checks them."""
+    mode = params.get("MachineDetection")
+    if mode is not None and mode not in ("Enable", "DetectMessageEnd"):
+        raise TwilioError(400, 21626, f"Invalid MachineDetection: {mode}")
+    async_amd = params.get("AsyncAmd")
+    if async_amd is not None and async_amd not in ("true", "false"):
+        raise TwilioError(400, 21626, f"Invalid AsyncAmd: {async_amd}")
+    callback = params.get("AsyncAmdStatusCallback")
+    if callback and not _is_url(callback):
+        raise TwilioError(400, 21609, "Invalid AsyncAmdStatusCallback URL")
 
 
 def _check_twiml(twiml: str) -> None:

@@ -64,6 +64,12 @@ class AgentConfig:
     call_sid: str = ""
     """The call's telephony SID as the database has it: every call-control action uses
     this one, never a SID the media stream claims."""
+    wait_for_human: bool = False
+    """Outbound: no pitch until the callee speaks (a voicemail greeting is told apart by
+    its words) or answering-machine detection says `human`."""
+    voicemail_action: str = "hang_up"
+    """On a machine: `hang_up`, or `leave_message` (say `voicemail_message`, then hang up)."""
+    voicemail_message: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,6 +110,15 @@ class PipelineMetrics:
             registry=r,
         )
 
+        self.dialer_statements = Gauge(
+            "aisdr_dialer_db_statements",
+            "Database statements the campaign dialer ran since start",
+            registry=r,
+        )
+        self.dialer_dials = Gauge(
+            "aisdr_dialer_dials", "Campaign calls the dialer placed since start", registry=r
+        )
+
         self.loop_lag = Histogram(
             "aisdr_event_loop_lag_seconds",
             "How late the event loop ran a timer, sampled every 0.25 s: what every live call's"

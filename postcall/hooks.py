@@ -73,6 +73,10 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def keys(self) -> set[str]:
+        """The keys of the tasks still running."""
+        return set(self._tasks)
+
     def spawn(self, key: str, coro: Coroutine[Any, Any, Any]) -> bool:
         """Start `coro` under `key` unless a task with that key is still running."""
         if key in self._tasks:

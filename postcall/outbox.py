@@ -85,13 +85,14 @@ class Outbox:
     def enqueue(
         self,
         session: AsyncSession,
-        call: Call,
+        call: Call | None,
         agent: Agent | None,
         event_type: str,
         data: dict[str, Any],
         *,
         delay_s: float = 0.0,
     ) -> WebhookEvent | None:
+        """`call` None: an event of no one call (a campaign's), sent to `agent`'s URL."""
         url = self.url_for(agent)
         if not url:
             return None
@@ -100,8 +101,8 @@ class Outbox:
         payload = {"id": event_id, "type": event_type, "created_at": iso(created), "data": data}
         row = WebhookEvent(
             id=event_id,
-            call_id=call.id,
-            agent_id=call.agent_id,
+            call_id=call.id if call is not None else None,
+            agent_id=call.agent_id if call is not None else (agent.id if agent else None),
             event_type=event_type,
             url=url,
             payload=payload,

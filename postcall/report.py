@@ -55,6 +55,10 @@ def call_record(call: Call, agent: Agent | None) -> dict[str, Any]:
         "transferred_to": call.transferred_to,
         "recording_url": call.recording_url,
         "variables": dict(call.variables or {}),
+        "metadata": dict(call.call_metadata or {}),
+        "campaign_id": call.campaign_id,
+        "contact_id": call.contact_id,
+        "answered_by": call.answered_by,
     }
 
 

@@ -1,6 +1,7 @@
 """The running service's parts, built from settings when the app starts and closed when it
-stops: database, Twilio gateway, providers, knowledge base, post-call work and the live call
-manager. Nothing here exists at import time, so each test gets its own app and database.
+stops: database, Twilio gateway, providers, knowledge base, post-call work, the campaign
+dialer and the live call manager. Nothing here exists at import time, so each test gets its
+own app and database.
 
 Every part is published on `app.state` under one name, for `api.deps` to hand to routes.
 
@@ -22,14 +23,17 @@ from adapters.deepgram_tts import DeepgramStreamingTTS, build_tts
 from adapters.netguard import guarded_client
 from adapters.ollama import OllamaLLM
 from adapters.telephony import TwilioGateway
-from api.admission import CallAdmission
-from api.stream_binding import StreamGuard, StreamTokens
+from api.admission import OUTBOUND_HOLD_S, CallAdmission
+from api.stream_binding import TOKEN_PARAMETER, StreamGuard, StreamTokens
+from campaigns.dialer import Dialer
+from campaigns.service import CampaignEvents
 from config import Settings
 from knowledge.parsing import DocumentParser
 from knowledge.service import DocumentIngest, KnowledgeRetriever, parse_limits, start_knowledge
 from pipeline.contracts import PipelineDeps
 from pipeline.metrics import PipelineMetrics
 from pipeline.vad import SileroModel, shared_batcher
+from postcall.hooks import compose_hooks
 from postcall.service import PostCall
 from store.calls import SqlCallStore
 from store.db import Database
@@ -59,10 +63,14 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
     )
     llm, tts = OllamaLLM(settings), build_tts(settings)
     post_call = PostCall(settings, database.sessionmaker, llm, twilio)
-    app.state.post_call, app.state.call_hook = post_call, post_call.hook
+    campaign_events = CampaignEvents(post_call.outbox)
+    # the campaign's outcome first: the call's webhooks then go out with the contact moved
+    call_hook = compose_hooks(campaign_events.on_call_event, post_call.hook)
+    app.state.post_call, app.state.call_hook = post_call, call_hook
+    app.state.campaign_events = campaign_events
     store = SqlCallStore(
         database.sessionmaker,
-        post_call.hook,
+        call_hook,
         default_model=settings.OLLAMA_MODEL,
         fallback_line=settings.LLM_FALLBACK_LINE,
         live_events=post_call.live_events,
@@ -111,11 +119,28 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
         settings.MAX_CONCURRENT_CALLS, live=calls.active.keys
     )
     metrics.call_slots.set_function(admission.in_use)
+    app.state.dialer = dialer = Dialer(
+        database.sessionmaker,
+        twilio,
+        settings,
+        admission,
+        campaign_events,
+        call_hook,
+        live=calls.active.keys,
+        ring_hold_s=OUTBOUND_HOLD_S,
+        stream_parameters=lambda call_id: {
+            "call_id": call_id,
+            TOKEN_PARAMETER: tokens.mint(call_id, outbound=True),
+        },
+    )
+    metrics.dialer_statements.set_function(lambda: dialer.statements)
+    metrics.dialer_dials.set_function(lambda: dialer.dials)
     if isinstance(tts, DeepgramStreamingTTS):
         metrics.tts_sockets.set_function(lambda: tts.open_sockets)
         metrics.tts_rest_fallbacks.set_function(lambda: tts.rest_fallbacks)
         metrics.tts_inline_connects.set_function(lambda: tts.inline_connects)
     await post_call.start()
+    await dialer.start()
     # Start-up loaded ~600k long-lived objects (torch, MiniLM, Chroma, Silero): move them
     # out of the collector's reach, or every full collection stalls all live calls for
     # 100-400 ms (measured by the benchmark).
@@ -128,6 +153,7 @@ async def running_services(app: FastAPI, settings: Settings) -> AsyncIterator[No
         lag_watch.cancel()
         with suppress(asyncio.CancelledError):
             await lag_watch
+        await dialer.aclose()
         await post_call.aclose()
         await tools_http.aclose()
         await ingest.aclose()

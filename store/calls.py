@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from models import TERMINAL_STATUSES, Agent, Booking, Call, CallEvent, TranscriptTurn
+from models import TERMINAL_STATUSES, Agent, Call, CallEvent, TranscriptTurn
 from pipeline.contracts import AgentConfig, ToolLimits
-from tools.scheduling import spoken_in
+from store.memory import caller_memory
 from utils import render_template, utcnow
 
 _RANK = {"queued": 0, "initiated": 0, "ringing": 1, "in-progress": 2, "answered": 2}
@@ -219,7 +219,7 @@ class SqlCallStore:
             call_id=call.id,
             agent_id=agent.id,
             system_prompt=render_template(agent.system_prompt, variables),
-            first_message=render_template(agent.first_message, variables),
+            first_message=_with_disclosure(agent, variables),
             first_message_mode=agent.first_message_mode,
             voice=agent.voice,
             language=agent.language,
@@ -241,6 +241,7 @@ class SqlCallStore:
             variables=variables,
             tool_limits=tool_limits_of(agent.tool_limits),
             call_sid=call.twilio_call_sid or "",
+            **_voicemail_fields(call, agent, variables),
         )
 
     async def stream_started(self, call_id: str, *, stream_sid: str, call_sid: str) -> None:
@@ -392,95 +393,20 @@ class SqlCallStore:
             self._hooked.pop(call_id, None)
 
 
-# --- caller memory ----------------------------------------------------------------------
-
-MEMORY_CALLS = 3
-MEMORY_MAX_CHARS = 600
-_MEMORY_TURNS = 4
-
-
-def _clip(text: str, limit: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+def _voicemail_fields(call: Call, agent: Agent, variables: dict[str, Any]) -> dict[str, Any]:
+    settings = agent.voicemail or {}
+    return {
+        "wait_for_human": call.direction == "outbound",
+        "voicemail_action": settings.get("action", "hang_up"),
+        "voicemail_message": render_template(settings.get("message", ""), variables).strip(),
+    }
 
 
-async def caller_memory(
-    session: AsyncSession, agent_id: str, number: str, *, exclude_call: str | None = None
-) -> str:
-    """A few lines on this agent's earlier calls with `number` (newest first) and the
-    meetings booked for it: the analysis summary when there is one, else the last words."""
-    with_number = or_(
-        and_(Call.direction == "inbound", Call.from_number == number),
-        and_(Call.direction == "outbound", Call.to_number == number),
-    )
-    calls = await session.scalars(
-        select(Call)
-        .where(Call.agent_id == agent_id, Call.id != (exclude_call or ""), with_number)
-        .order_by(Call.created_at.desc())
-        .limit(MEMORY_CALLS)
-    )
-    lines = await _booking_lines(session, agent_id, number)  # first: they matter most
-    earlier_calls = list(calls.all())
-    last_words = await _last_turns(session, [c.id for c in earlier_calls if not _summary(c)])
-    for earlier in earlier_calls:
-        if digest := _summary(earlier) or _digest(last_words.get(earlier.id, [])):
-            lines.append(f"- Call on {earlier.created_at:%Y-%m-%d}: {digest}")
-    memory = ""
-    for line in lines:  # whole lines only, within the budget
-        if len(memory) + len(line) + 1 > MEMORY_MAX_CHARS:
-            break
-        memory += line + "\n"
-    return memory.rstrip()
-
-
-def _summary(call: Call) -> str:
-    analysis = call.analysis if isinstance(call.analysis, dict) else {}
-    summary = str(analysis.get("summary") or "").strip()
-    return _clip(summary, 240) if summary else ""
-
-
-async def _last_turns(
-    session: AsyncSession, call_ids: list[str]
-) -> dict[str, list[TranscriptTurn]]:
-    """The last few spoken turns of each call, oldest first: one query for all of them."""
-    if not call_ids:
-        return {}
-    rows = await session.scalars(
-        select(TranscriptTurn)
-        .where(TranscriptTurn.call_id.in_(call_ids), TranscriptTurn.text != "")
-        .order_by(TranscriptTurn.call_id, TranscriptTurn.seq.desc())
-    )
-    last: dict[str, list[TranscriptTurn]] = {}
-    for turn in rows:
-        kept = last.setdefault(turn.call_id, [])
-        if len(kept) < _MEMORY_TURNS:
-            kept.append(turn)
-    return {call_id: kept[::-1] for call_id, kept in last.items()}
-
-
-def _digest(turns: list[TranscriptTurn]) -> str:
-    said = [
-        f'{"caller" if turn.role == "user" else "you"}: "{_clip(turn.text, 70)}"' for turn in turns
-    ]
-    return "; ".join(said)
-
-
-async def _booking_lines(session: AsyncSession, agent_id: str, number: str) -> list[str]:
-    bookings = await session.scalars(
-        select(Booking)
-        .where(
-            Booking.agent_id == agent_id,
-            Booking.attendee_phone == number,
-            Booking.status == "confirmed",
-            Booking.start_at >= utcnow(),
-        )
-        .order_by(Booking.start_at)
-        .limit(2)
-    )
-    return [
-        f"- Meeting booked for {spoken_in(b.start_at, b.timezone)} ({b.timezone})."
-        for b in bookings.all()
-    ]
+def _with_disclosure(agent: Agent, variables: dict[str, Any]) -> str:
+    """The agent's first message, its disclosure line ("this call is recorded") first."""
+    first = render_template(agent.first_message, variables)
+    disclosure = render_template(agent.disclosure or "", variables).strip()
+    return f"{disclosure} {first}".strip() if disclosure else first
 
 
 def tool_limits_of(stored: dict[str, Any] | None) -> ToolLimits:

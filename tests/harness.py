@@ -23,6 +23,7 @@ from emulators.base import ThreadedServer, async_wait_until
 from emulators.deepgram import DeepgramEmulator
 from emulators.ollama import OllamaEmulator
 from emulators.twilio_caller import Action, CallerResult, TwilioCaller, new_sid
+from emulators.twilio_dialplan import Answer, DialPlan
 from emulators.twilio_rest import TwilioRestEmulator
 from main import create_app
 from tests.conftest import ACCOUNT_SID, API_KEY, AUTH_TOKEN, PUBLIC_BASE, make_settings
@@ -93,7 +94,9 @@ class LiveStack:
             TWILIO_API_BASE_URL=self.twilio.url,
             **self.extra_settings,
         )
-        self.server = AppServer(self.settings, self.ws_protocol).start()
+        self.server = AppServer(self.settings, self.ws_protocol).start(
+            timeout=90
+        )  # a loaded 2-core box
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
@@ -164,6 +167,18 @@ class LiveStack:
         assert "call_id" in parameters, response.text
         self.stream_parameters[parameters["call_id"]] = parameters
         return parameters["call_id"]
+
+    def dial_plan(self, default: Answer | None = None) -> DialPlan:
+        """Make the Twilio emulator play the calls the service places (campaigns)."""
+        assert self.server is not None
+        plan = DialPlan(
+            app_base=self.server.url,
+            public_base=PUBLIC_BASE,
+            media_url=self.server.ws_url + "/twilio/media",
+            default=default,
+        )
+        self.twilio.dial_plan = plan
+        return plan
 
     def caller(self, call_id: str, timeline: list[Action], **kwargs: Any) -> TwilioCaller:
         assert self.server is not None and self.settings is not None

@@ -118,6 +118,7 @@ RULES: dict[str, Rule] = {
     "knowledge": Rule(forbidden=SERVICE),
     "tools": Rule(forbidden=(*SERVICE, "chromadb")),
     "postcall": Rule(forbidden=(*SERVICE, "chromadb")),
+    "campaigns": Rule(forbidden=(*SERVICE, "chromadb")),
     # the web layer: vendor SDKs only through adapters
     "api": Rule(forbidden=VENDOR_SDKS),
     # the console: pages over the API's dependencies and the stored rows, and a second

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from models import Booking, Call, TranscriptTurn
-from store.calls import MEMORY_MAX_CHARS
+from store.memory import MEMORY_MAX_CHARS
 from tests.conftest import create_agent
 
 CALLER = "+14155550199"

@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 
 from emulators.audio import synth_speech
 from emulators.ollama import Reply
-from emulators.twilio_caller import Hangup, HangupAfterAgentAudio, SayAfterAgentAudio
+from emulators.twilio_caller import Hangup, HangupAfterAgentAudio, Say, SayAfterAgentAudio
 from models import Booking, Call, ToolInvocation
 from pipeline.contracts import AgentConfig, ToolContext, ToolOutcome
 from pipeline.providers import ToolCall
@@ -534,14 +534,14 @@ async def test_sms_then_transfer_after_the_last_words(tmp_path: Path, lines) -> 
         last = _last(messages)
         if last.get("role") == "tool":
             return Reply("Done, I just texted you the link.")
-        if _users(messages) == 1:
+        if _users(messages) == 2:  # after the callee's "hello" (an outbound agent waits for it)
             sms = {"message": "Book a demo: https://acme.test/demo"}
             return Reply(tool_calls=[{"name": "send_sms", "arguments": sms}])
         return Reply("Of course.", tool_calls=[{"name": "transfer_call", "arguments": {}}])
 
     with LiveStack(
         tmp_path,
-        deepgram={"listen_script": ["Text me the link.", "Can I talk to a person?"]},
+        deepgram={"listen_script": ["Hello?", "Text me the link.", "Can I talk to a person?"]},
         ollama={"replies": llm},
     ) as stack:
         agent = await stack.create_agent(
@@ -556,6 +556,7 @@ async def test_sms_then_transfer_after_the_last_words(tmp_path: Path, lines) -> 
         result = await stack.caller(
             call_id,
             [
+                Say(0.3, lines["hello"]),
                 SayAfterAgentAudio(1, 0.4, lines["text"], anchor="end"),
                 SayAfterAgentAudio(2, 0.4, lines["human"], anchor="end"),
                 Hangup(40.0),

@@ -37,6 +37,7 @@ delivered_at
 
 # pydantic response fields, serialized by name.
 attempt_log
+delay_seconds  # campaigns.schemas.RetryRule: stored in the retry policy, read by campaigns.policy
 caller_sentiment
 lead_score
 lead_score_reasons

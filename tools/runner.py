@@ -6,6 +6,7 @@ Built-in tools, enabled per agent in `Agent.tools`::
     send_sms        text the caller from the agent's number (Twilio Messages API)
     transfer_call   hand the caller to the agent's transfer_number once the last words played
     end_call        hang up after a goodbye
+    opt_out         put the callee on the do-not-call list and hang up (tools/opt_out.py)
 
 plus custom HTTP tools (`HttpTool`): a signed request to the customer's URL whose answer
 goes back to the LLM.
@@ -47,6 +48,7 @@ from models import ToolInvocation
 from pipeline.contracts import AgentConfig, ToolContext, ToolOutcome
 from pipeline.providers import ToolCall
 from schemas import BuiltinTool, HttpTool, ToolConfig
+from tools import opt_out
 from tools.booking import Bookings
 from tools.common import error, is_error, key_hash, refused, text_arg
 from tools.http_tool import HttpTools
@@ -128,6 +130,9 @@ _SPECS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
 }
 
 
+_SPECS["opt_out"] = opt_out.SPEC
+
+
 @dataclass(frozen=True, slots=True)
 class _Tool:
     schema: dict[str, Any]
@@ -200,6 +205,7 @@ class AgentTools:
             "send_sms": (self._send_sms, True),
             "transfer_call": (self._transfer_call, True),
             "end_call": (self._end_call, True),
+            "opt_out": (partial(opt_out.opt_out, self.sessionmaker), True),
         }
         names = ["check_availability", "book_meeting"] if tool.type == "book_meeting" else []
         tools = {}
