@@ -39,9 +39,10 @@ MAX_TEXT_CHARS = 4096
 class BrowserMediaStream:
     """One browser test call's WebSocket as a `MediaTransport`."""
 
-    def __init__(self, websocket: WebSocket, call_id: str) -> None:
+    def __init__(self, websocket: WebSocket, call_id: str, stream_token: str) -> None:
         self.websocket = websocket
         self.call_id = call_id
+        self.stream_token = stream_token
 
     async def start(self) -> StreamStart | None:
         while (message := await self._receive()) is not None:
@@ -49,7 +50,7 @@ class BrowserMediaStream:
                 return StreamStart(
                     stream_sid=f"web-{self.call_id}",
                     call_sid="",
-                    parameters={"call_id": self.call_id},
+                    parameters={"call_id": self.call_id, "stream_token": self.stream_token},
                 )
             if isinstance(message, dict) and message.get("type") == "stop":
                 return None

@@ -82,6 +82,7 @@ async def talk_socket(agent_id: str, websocket: WebSocket) -> None:
             raise
     await websocket.send_text(json.dumps({"type": "started", "call_id": call.id}))
     try:
-        await state.calls.handle(BrowserMediaStream(websocket, call.id))
+        token = state.stream_tokens.mint(call.id)  # the stream guard checks it, as for Twilio
+        await state.calls.handle(BrowserMediaStream(websocket, call.id, token))
     finally:
         admission.release(call.id)

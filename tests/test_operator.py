@@ -48,6 +48,7 @@ def test_production_warns_while_they_are_open(
         "ENVIRONMENT": "production",
         "API_KEYS": ["a-real-key"],
         "WEBHOOK_SIGNING_SECRET": "a-real-signing-secret",
+        "CONSOLE_SECRET": "a-real-console-secret",
         "OPERATOR_ENDPOINTS": mode,
     }
     create_app(make_settings(tmp_path, **production))
